@@ -1,0 +1,122 @@
+"""The five training objectives as loss terms: (sum of per-item losses, number of items, extra metric sums).
+
+Sums, not means, so gradient accumulation is exact: the step adds sums and counts over micro-batches and divides once
+(a mean of per-micro-batch means would weight tokens unequally when micro-batches count different numbers of tokens).
+Batch formats come from packing.py / data.py; everything here is traced inside the jitted step.
+
+    causal  next-token CE; a target counts only inside its own document (same segment id, not padding)
+    sft     causal CE on response tokens only (loss_mask)
+    dpo     -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))) over response log-probs; ref = frozen params
+    mlm     BERT: mlm_prob of real tokens chosen; 80% -> <mask>, 10% -> random token, 10% unchanged; CE on chosen
+    span    T5 span corruption: encoder sees sentinels, decoder predicts sentinel + span ... EOS (target_mask)
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxtx.config import ModelConfig
+from jaxtx.train.config import TrainConfig
+
+N_SPECIAL = 4  # PAD, UNK, BOS, EOS: never chosen for masking, never drawn as random replacements
+
+
+def token_nll(logits_BTV, targets_BT):
+    """-log p(target) per position, in float32 whatever the compute dtype."""
+    logits = logits_BTV.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets_BT[..., None], axis=-1)[..., 0]
+    return lse - picked
+
+
+def causal_weights(segment_ids_BT, loss_mask_BT=None):
+    """[B, T-1] weights of targets t+1 predicted at t: same segment (document) and not padding (and in loss_mask)."""
+    w = (segment_ids_BT[:, 1:] == segment_ids_BT[:, :-1]) & (segment_ids_BT[:, 1:] > 0)
+    if loss_mask_BT is not None:
+        w = w & (loss_mask_BT[:, 1:] > 0)
+    return w.astype(jnp.float32)
+
+
+def mlm_corrupt(tokens_BT, segment_ids_BT, rng, *, prob: float, mask_id: int, vocab: int):
+    """BERT masking. Returns (inputs, chosen weights float32)."""
+    k_sel, k_kind, k_rand = jax.random.split(rng, 3)
+    real = (segment_ids_BT > 0) & (tokens_BT >= N_SPECIAL)
+    chosen = real & jax.random.bernoulli(k_sel, prob, tokens_BT.shape)
+    u = jax.random.uniform(k_kind, tokens_BT.shape)
+    random_tok = jax.random.randint(k_rand, tokens_BT.shape, N_SPECIAL, vocab, dtype=tokens_BT.dtype)
+    inputs = jnp.where(chosen & (u < 0.8), mask_id, jnp.where(chosen & (u < 0.9), random_tok, tokens_BT))
+    return inputs, chosen.astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """loss_terms(params, batch, rng, train, ref_params) -> (loss_sum, count, {metric: sum}).
+    Metrics in the dict are sums over items too (divided by count in the step)."""
+    name: str
+    loss_terms: Callable
+    needs_ref: bool = False
+
+
+def _apply(model, params, *args, rng, train: bool, **kw):
+    """Forward with dropout and MoE intermediates; returns (logits, moe aux loss scalar)."""
+    from jaxtx.model import moe_aux_loss
+    out, state = model.apply({"params": params}, *args, deterministic=not train, rngs={"dropout": rng},
+                             mutable=["intermediates"], **kw)
+    return out, moe_aux_loss(state.get("intermediates", {}), model.cfg)
+
+
+def make_objective(model, cfg: ModelConfig, t: TrainConfig, *, mask_id: int = 4, tok_vocab: int | None = None):
+    """The Objective for t.objective. mask_id / tok_vocab: the tokenizer's <mask> id and size (BERT masking)."""
+    vocab = tok_vocab or cfg.vocab_size
+
+    def causal(params, batch, rng, train, ref_params=None, mask_key=None):
+        tokens, seg = batch["tokens"], batch["segment_ids"]
+        logits, aux = _apply(model, params, tokens, segment_ids=seg, rng=rng, train=train)
+        w = causal_weights(seg, batch.get(mask_key) if mask_key else None)
+        nll = token_nll(logits[:, :-1], tokens[:, 1:])
+        n = w.sum()
+        return (nll * w).sum() + aux * n, n, {"aux_loss": aux * n}
+
+    def sft(params, batch, rng, train, ref_params=None):
+        return causal(params, batch, rng, train, mask_key="loss_mask")
+
+    def seq_logp(params, tokens, seg, mask, rng, train):
+        logits, aux = _apply(model, params, tokens, segment_ids=seg, rng=rng, train=train)
+        w = causal_weights(seg, mask)
+        return -(token_nll(logits[:, :-1], tokens[:, 1:]) * w).sum(-1), aux
+
+    def dpo(params, batch, rng, train, ref_params=None):
+        both = {k: jnp.concatenate([batch[k], batch["rejected_" + k]]) for k in ("tokens", "segment_ids", "loss_mask")}
+        B = batch["tokens"].shape[0]
+        lp, aux = seq_logp(params, both["tokens"], both["segment_ids"], both["loss_mask"], rng, train)
+        ref, _ = seq_logp(jax.lax.stop_gradient(ref_params), both["tokens"], both["segment_ids"], both["loss_mask"],
+                          rng, False)
+        margin = t.dpo_beta * ((lp[:B] - ref[:B]) - (lp[B:] - ref[B:]))
+        losses = -jax.nn.log_sigmoid(margin)
+        n = jnp.float32(B)
+        return losses.sum() + aux * n, n, {"aux_loss": aux * n, "reward_acc": (margin > 0).sum(),
+                                           "reward_margin": margin.sum() / t.dpo_beta}
+
+    def mlm(params, batch, rng, train, ref_params=None):
+        k_mask, k_drop = jax.random.split(rng)
+        tokens, seg = batch["tokens"], batch["segment_ids"]
+        inputs, w = mlm_corrupt(tokens, seg, k_mask, prob=t.mlm_prob, mask_id=mask_id, vocab=vocab)
+        logits, aux = _apply(model, params, inputs, None, (seg > 0).astype(jnp.int32), method="masked_lm",
+                             rng=k_drop, train=train)
+        n = w.sum()
+        return (token_nll(logits, tokens) * w).sum() + aux * n, n, {"aux_loss": aux * n}
+
+    def span(params, batch, rng, train, ref_params=None):
+        logits, aux = _apply(model, params, batch["inputs"], decoder_input_ids=batch["decoder_inputs"],
+                             attention_mask=batch["input_mask"], rng=rng, train=train)
+        w = batch["target_mask"].astype(jnp.float32)
+        n = w.sum()
+        return (token_nll(logits, batch["targets"]) * w).sum() + aux * n, n, {"aux_loss": aux * n}
+
+    fns = {"causal": causal, "sft": sft, "dpo": dpo, "mlm": mlm, "span": span}
+    if t.objective not in fns:
+        raise ValueError(f"train.objective={t.objective!r}: expected one of {list(fns)}")
+    return Objective(t.objective, fns[t.objective], needs_ref=t.objective == "dpo")

@@ -1,0 +1,166 @@
+"""The jitted train step, the eval step, and the (abstract) train state they act on.
+
+TrainState is a plain dict pytree, so orbax, AOT lowering and sharding trees all see the same structure:
+    {"step": int32[], "skipped": int32[], "params": {...}, "opt_state": optax state, ["ref_params": {...}] (DPO)}
+The dropout/masking RNG is not state: it is fold_in(key(seed), step), so a resumed run draws the same numbers.
+
+Call everything inside `jaxtx.sharding.use_mesh(mesh, rules)` so the model's logical constraints see the mesh.
+AOT (no allocation):  state = abstract_train_state(...); batch = abstract_batch(...);
+                      make_train_step(...).lower(state, batch).compile()
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxtx import model as jmodel
+from jaxtx import sharding as shd
+from jaxtx.config import ModelConfig
+from jaxtx.train.config import RunConfig
+from jaxtx.train.objectives import Objective, make_objective
+
+TrainState = dict
+
+
+def batch_shapes(cfg: ModelConfig, run_cfg: RunConfig, batch_size: int | None = None) -> dict[str, tuple]:
+    """Global batch arrays (all int32) the objective reads, by name -> shape."""
+    t = run_cfg.train
+    B, T = batch_size or t.batch_size, t.seq_len
+    if t.objective == "span":
+        from jaxtx.train.data import span_target_len
+        To = span_target_len(run_cfg)
+        return {"inputs": (B, T), "input_mask": (B, T), "decoder_inputs": (B, To), "targets": (B, To),
+                "target_mask": (B, To)}
+    keys = {"causal": ["tokens", "segment_ids"], "mlm": ["tokens", "segment_ids"],
+            "sft": ["tokens", "segment_ids", "loss_mask"],
+            "dpo": ["tokens", "segment_ids", "loss_mask", "rejected_tokens", "rejected_segment_ids",
+                    "rejected_loss_mask"]}[t.objective]
+    return {k: (B, T) for k in keys}
+
+
+def abstract_batch(cfg: ModelConfig, run_cfg: RunConfig, mesh=None, rules=None) -> dict:
+    sh = shd.batch_sharding(mesh, rules) if mesh is not None else None
+    return {k: jax.ShapeDtypeStruct(s, jnp.int32, sharding=sh) for k, s in batch_shapes(cfg, run_cfg).items()}
+
+
+def state_shardings(model, cfg: ModelConfig, run_cfg: RunConfig, optimizer, mesh, rules) -> tuple[dict, dict]:
+    """(abstract state whose ShapeDtypeStructs carry shardings, sharding tree) — nothing is allocated."""
+    abs_params, p_sh = shd.param_shardings(model, mesh, rules, *jmodel.dummy_inputs(cfg))
+    o_sh = shd.opt_state_shardings(optimizer, abs_params, p_sh)
+    abs_opt = jax.eval_shape(optimizer.init, abs_params)
+    abs_opt = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_opt, o_sh)
+    rep = NamedSharding(mesh, P())
+    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
+    abstract = {"step": scalar, "skipped": scalar, "params": abs_params, "opt_state": abs_opt}
+    shardings = {"step": rep, "skipped": rep, "params": p_sh, "opt_state": o_sh}
+    if run_cfg.train.objective == "dpo":
+        abstract["ref_params"], shardings["ref_params"] = abs_params, p_sh
+    return abstract, shardings
+
+
+def abstract_train_state(model, cfg: ModelConfig, run_cfg: RunConfig, optimizer, mesh, rules) -> dict:
+    """The train state as ShapeDtypeStructs with shardings (AOT lowering, orbax restore targets)."""
+    return state_shardings(model, cfg, run_cfg, optimizer, mesh, rules)[0]
+
+
+def init_train_state(model, cfg: ModelConfig, run_cfg: RunConfig, optimizer, mesh, rules, rng,
+                     params: Any = None) -> TrainState:
+    """Params initialized directly in their shards (or given, e.g. from train.init_from), optimizer state likewise."""
+    _, sh = state_shardings(model, cfg, run_cfg, optimizer, mesh, rules)
+    if params is None:
+        params = shd.init_sharded(model, rng, mesh, rules, *jmodel.dummy_inputs(cfg))
+    else:
+        params = jax.device_put(params, sh["params"])
+    state = {"step": jax.device_put(jnp.zeros((), jnp.int32), sh["step"]),
+             "skipped": jax.device_put(jnp.zeros((), jnp.int32), sh["skipped"]),
+             "params": params, "opt_state": shd.init_opt_state(optimizer, params, sh["params"])}
+    if run_cfg.train.objective == "dpo":  # a copy: the policy's buffers are donated every step
+        state["ref_params"] = jax.tree.map(jnp.copy, params)
+    return state
+
+
+def _micro_batches(batch: dict, n: int) -> dict:
+    return {k: v.reshape(n, v.shape[0] // n, *v.shape[1:]) for k, v in batch.items()}
+
+
+def make_train_step(model, cfg: ModelConfig, run_cfg: RunConfig, optimizer: optax.GradientTransformation, *,
+                    objective: Objective | None = None, mesh=None, rules=None, shardings: dict | None = None,
+                    donate: bool = True):
+    """jit(step)(state, batch) -> (state, metrics). metrics: float32 scalars loss, aux_loss, grad_norm, lr, tokens
+    (loss terms counted), finite (1.0/0.0), skipped, plus objective extras (DPO reward_acc, reward_margin).
+
+    With a mesh, state and batch shardings are fixed (in = out for the state, which is donated). A non-finite loss or
+    gradient leaves params and optimizer state unchanged (lax.cond, no copy) and increments `skipped`; the host decides
+    whether that stops the run.
+    """
+    objective = objective or make_objective(model, cfg, run_cfg.train)
+    schedule_lr = _schedule_of(run_cfg)
+    accum, seed = run_cfg.optim.grad_accum, run_cfg.train.seed
+
+    def step(state: TrainState, batch: dict):
+        rng = jax.random.fold_in(jax.random.key(seed), state["step"])
+        ref = state.get("ref_params")
+
+        def terms(params, micro, r):
+            total, n, extra = objective.loss_terms(params, micro, r, True, ref)
+            return total, (n, extra)
+
+        value_and_grad = jax.value_and_grad(terms, has_aux=True)
+        if accum == 1:
+            (total, (n, extra)), grads = value_and_grad(state["params"], batch, rng)
+        else:  # scan over micro-batches: one micro-batch of activations alive at a time
+            micro = _micro_batches(batch, accum)
+
+            def body(carry, xs):
+                mb, i = xs
+                (t_i, (n_i, e_i)), g_i = value_and_grad(state["params"], mb, jax.random.fold_in(rng, i))
+                return jax.tree.map(jnp.add, carry, (t_i, n_i, e_i, g_i)), None
+            (t0, (n0, e0)), g0 = jax.eval_shape(value_and_grad, state["params"],
+                                                jax.tree.map(lambda v: v[0], micro), rng)
+            zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), (t0, n0, e0, g0))
+            (total, n, extra, grads), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
+        denom = jnp.maximum(n, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        loss = (total - extra["aux_loss"]) / denom
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        def update(s):
+            updates, opt_state = optimizer.update(grads, s["opt_state"], s["params"])
+            return {**s, "params": optax.apply_updates(s["params"], updates), "opt_state": opt_state}
+
+        new = jax.lax.cond(finite, update, lambda s: s, state)
+        new = {**new, "step": state["step"] + 1, "skipped": state["skipped"] + (~finite).astype(jnp.int32)}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule_lr(state["step"]), "tokens": n,
+                   "finite": finite.astype(jnp.float32), "skipped": new["skipped"].astype(jnp.float32),
+                   **{k: v / denom for k, v in extra.items()}}
+        return new, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
+
+    if mesh is None:
+        return jax.jit(step, donate_argnums=(0,) if donate else ())
+    if shardings is None:
+        shardings = state_shardings(model, cfg, run_cfg, optimizer, mesh, rules)[1]
+    b_sh = shd.batch_sharding(mesh, rules)
+    batch_sh = {k: b_sh for k in batch_shapes(cfg, run_cfg)}
+    return jax.jit(step, in_shardings=(shardings, batch_sh), out_shardings=(shardings, NamedSharding(mesh, P())),
+                   donate_argnums=(0,) if donate else ())
+
+
+def _schedule_of(run_cfg: RunConfig):
+    from jaxtx.train.optim import lr_schedule
+    return lr_schedule(run_cfg.optim, run_cfg.train.steps)
+
+
+def make_eval_step(model, cfg: ModelConfig, run_cfg: RunConfig, *, objective: Objective | None = None):
+    """jit(eval)(params, batch, ref_params) -> (loss_sum, count) with dropout off and a fixed masking RNG."""
+    objective = objective or make_objective(model, cfg, run_cfg.train)
+    rng = jax.random.key(run_cfg.train.seed + 7919)
+
+    def ev(params, batch, ref_params=None):
+        total, n, extra = objective.loss_terms(params, batch, rng, False, ref_params)
+        return total - extra["aux_loss"], n
+    return jax.jit(ev)
