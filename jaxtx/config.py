@@ -23,7 +23,7 @@ NormPosition = Literal["pre", "post"]
 Position = Literal["none", "sinusoidal", "learned", "rope", "alibi", "t5"]
 RopeScaling = Literal["none", "linear", "ntk", "yarn", "llama3"]
 Activation = Literal["relu", "gelu", "gelu_tanh", "silu"]
-Remat = Literal["none", "full", "dots", "dots_no_batch", "minimal"]
+Remat = Literal["none", "full", "dots", "dots_no_batch"]
 DType = Literal["float32", "bfloat16", "float16", "float64"]
 Backend = Literal["auto", "xla", "blockwise", "pallas_tpu", "pallas_gpu", "cudnn"]
 

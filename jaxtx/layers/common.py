@@ -1,0 +1,67 @@
+"""Small shared pieces: dtype lookup, boxed parameter declaration, norms, activations."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxtx.config import ModelConfig
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float64": jnp.float64}
+
+
+def dtype_of(name: str):
+    return DTYPES[name]
+
+
+def param(mod: nn.Module, name: str, shape, axes, cfg: ModelConfig, init=None):
+    """Declare a parameter once with its shape, logical axes and initializer (normal(init_std) by default).
+
+    The logical axes travel with the value (nn.Partitioned), so shardings derive from this one declaration.
+    """
+    init = nn.initializers.normal(cfg.init_std) if init is None else init
+    return mod.param(name, nn.with_logical_partitioning(init, axes), tuple(shape), dtype_of(cfg.param_dtype))
+
+
+def constrain(x, axes):
+    """Logical sharding constraint on an activation (a no-op unless a mesh and rules are in context)."""
+    return nn.with_logical_constraint(x, axes)
+
+
+class Norm(nn.Module):
+    """RMSNorm (scale only) or LayerNorm (scale, optional bias), computed in float32 like the references do."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        D = x.shape[-1]
+        xf = x.astype(jnp.float32)
+        scale = param(self, "scale", (D,), ("embed",), cfg, nn.initializers.ones)
+        if cfg.norm == "rmsnorm":
+            y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + cfg.norm_eps)
+            y = y * scale.astype(jnp.float32)
+        else:
+            mean = jnp.mean(xf, axis=-1, keepdims=True)
+            var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+            y = (xf - mean) * jax.lax.rsqrt(var + cfg.norm_eps) * scale.astype(jnp.float32)
+            if cfg.norm_bias:
+                y = y + param(self, "bias", (D,), ("embed",), cfg, nn.initializers.zeros).astype(jnp.float32)
+        return y.astype(dtype_of(cfg.dtype))
+
+
+def activation(name: str):
+    return {
+        "relu": jax.nn.relu,
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+        "silu": jax.nn.silu,
+    }[name]
+
+
+def dropout(mod_name: str, rate: float, x, deterministic: bool, parent: nn.Module):
+    """Dropout that is free when the rate is 0 or the call is deterministic."""
+    if rate == 0.0 or deterministic:
+        return x
+    return nn.Dropout(rate, name=mod_name, parent=parent)(x, deterministic=False)
