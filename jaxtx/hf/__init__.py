@@ -207,7 +207,7 @@ def load(path, *, dtype=None, scan_layers: bool = True):
 
 def save(model_or_config, params: dict, path, *, max_shard_bytes: int | None = None) -> None:
     """Write config.json + model.safetensors (or shards + index past max_shard_bytes) that transformers loads.
-    Params may be stacked ("layers") or unrolled ("layers_i"), boxed or not, with or without a {"params": …} wrapper."""
+    Params may be stacked ("layers") or unrolled ("layers_i"), boxed or not, with or without {"params": …}."""
     import flax.linen as nn
     cfg = model_or_config if isinstance(model_or_config, ModelConfig) else model_or_config.cfg
     params = nn.unbox(params)

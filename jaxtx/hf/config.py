@@ -24,7 +24,8 @@ class HFConversionError(ValueError):
 
 def _act(hf_name: str, field: str) -> str:
     if hf_name not in _ACT:
-        raise HFConversionError(f"config.json {field}={hf_name!r}: unsupported activation; expected one of {sorted(_ACT)}")
+        raise HFConversionError(f"config.json {field}={hf_name!r}: unsupported activation; "
+                                f"expected one of {sorted(_ACT)}")
     return _ACT[hf_name]
 
 
@@ -54,7 +55,8 @@ def _rope(d: dict) -> dict:
                 "rope_original_max_len": int(p.get("original_max_position_embeddings")
                                               or d.get("max_position_embeddings")),
                 "yarn_beta_fast": float(p.get("beta_fast", 32.0)), "yarn_beta_slow": float(p.get("beta_slow", 1.0))}
-    raise HFConversionError(f"config.json rope type {kind!r}: unsupported; jaxtx converts default, linear, llama3, yarn")
+    raise HFConversionError(f"config.json rope type {kind!r}: unsupported; jaxtx converts default, linear, llama3, "
+                            "yarn")
 
 
 def config_from_hf(d: dict) -> ModelConfig:

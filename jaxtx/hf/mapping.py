@@ -197,7 +197,8 @@ PREFIX = {"llama": ("model.", "embed_tokens.weight", ("lm_head.",)),
 IGNORED = {"llama": [r".*rotary_emb\.inv_freq"], "mistral": [r".*rotary_emb\.inv_freq"],
            "mixtral": [r".*rotary_emb\.inv_freq"],
            "gpt2": [r".*\.attn\.(masked_)?bias"],
-           "bert": [r"bert\.embeddings\.position_ids", r"cls\.seq_relationship\..*", r"cls\.predictions\.decoder\.bias"],
+           "bert": [r"bert\.embeddings\.position_ids", r"cls\.seq_relationship\..*",
+                    r"cls\.predictions\.decoder\.bias"],
            "t5": [r"(encoder|decoder)\.embed_tokens\.weight",
                   r"decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight"]}
 
