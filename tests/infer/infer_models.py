@@ -5,12 +5,13 @@ a wrong cache or position pass unnoticed.
 """
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxtx import model as M
-from jaxtx.config import load_model_config
+from jaxtx.config import ModelConfig, load_model_config
 
 SMALL = ["vocab_size=97", "d_model=32", "n_heads=4", "n_kv_heads=2", "d_ff=64", "n_layers=2", "init_std=0.3",
          "max_seq_len=128"]
@@ -47,3 +48,26 @@ def naive_greedy(model, params, prompt, n):
         buf[0, t] = tok
         out.append(tok)
     return out
+
+
+class MarkovLM(nn.Module):
+    """A handcrafted "language model" whose next-token distribution depends only on the last token: logits =
+    table[last token]. It follows the jaxtx calling convention (positions, cache) and ignores the cache, so the loops
+    can be tested against closed-form sequence probabilities."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, input_ids, positions=None, cache=None):
+        V = self.cfg.vocab_size
+        table = self.param("table", nn.initializers.zeros, (V, V))
+        logits = table[input_ids]
+        return logits if cache is None else (logits, cache)
+
+
+def markov(table_VV):
+    """(model, params) for a Markov chain with transition probabilities table_VV (rows sum to 1)."""
+    V = table_VV.shape[0]
+    cfg = load_model_config("tiny", ["n_layers=1", "d_model=8", "n_heads=1", "n_kv_heads=1", "d_ff=8",
+                                     f"vocab_size={V}"])
+    return MarkovLM(cfg), {"table": jnp.log(jnp.asarray(table_VV, jnp.float32))}
