@@ -1,0 +1,5 @@
+import sys
+
+from jaxtx.cli import main
+
+sys.exit(main())
