@@ -1,0 +1,159 @@
+"""Speculative decoding: a draft model proposes k tokens, the target checks them in one forward pass of k+1 tokens.
+
+One round per row, all rows in lock-step inside one `lax.while_loop`:
+  1. the draft, fed the last emitted token `cur` (position n), proposes d_1..d_k from its sampling distributions q_i;
+  2. the target runs [cur, d_1..d_k] at positions n..n+k and gives p_1..p_{k+1};
+  3. `speculative_rule.accept` keeps a prefix of the drafts and adds one token (correction or bonus), so each round
+     emits 1..k+1 tokens distributed exactly as target-only sampling (greedy: exactly the target's greedy tokens).
+Rejected drafts leave entries in both caches at positions beyond the accepted prefix. They are harmless: a key is only
+visible to queries at later positions, and the next round rewrites those positions before any query reaches them.
+When all k drafts are accepted the draft has not yet seen d_k, so its next round starts with the 2-token chunk
+[d_k, cur] (otherwise the first slot is padding, position -1) — one compiled shape for every round.
+
+Sliding-window (ring buffer) caches are refused: a rejected draft would already have overwritten a slot that the
+window still needs (the core cache would need k spare slots).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxtx.infer import generation as G
+from jaxtx.infer import sampling as S
+from jaxtx.infer import stop as stop_lib
+from jaxtx.infer.speculative_rule import accept
+
+
+@dataclasses.dataclass
+class SpeculativeResult(G.Generation):
+    acceptance_rate: float = 0.0  # accepted drafts / proposed drafts (over live rows and rounds)
+    tokens_per_round: float = 0.0  # mean tokens emitted per target forward pass (per live row)
+    rounds: int = 0
+
+
+def _dist(logits_BV, sampling):
+    return S.probs(logits_BV, sampling)
+
+
+def _draw(probs_BV, keys_B):
+    return jax.vmap(jax.random.categorical)(keys_B, jnp.log(jnp.maximum(probs_BV, 1e-38))
+                                            + jnp.where(probs_BV > 0, 0.0, -1e30)).astype(jnp.int32)
+
+
+def _run(target, draft, tparams, dparams, ids_BT, lens_B, live_B, seeds_B, stop_packed, *, k, max_new, max_len,
+         sampling):
+    B = ids_BT.shape[0]
+    tstep, dstep = G._step_fn(target, tparams), G._step_fn(draft, dparams)
+    kw = dict(max_new=1, max_len=max_len, sampling=sampling, want_logprobs=False)
+    tst = G.prefill(tstep, target.cfg, ids_BT, lens_B, live_B, **kw)
+    dst = G.prefill(dstep, draft.cfg, ids_BT, lens_B, live_B, **kw)
+    keys = lambda r, j: S.row_keys(seeds_B, r * (k + 2) + j)  # noqa: E731  independent streams per round and use
+    first = S.sample(tst.logits, sampling, None if sampling.greedy else keys(0, k + 1))
+    N = max_new + k + 1  # a round may overshoot max_new by up to k tokens; trimmed on the host
+    out = jnp.full((B, N), -1, jnp.int32).at[:, 0].set(jnp.where(live_B, first, -1))
+    count = live_B.astype(jnp.int32)
+    stopped = live_B & stop_lib.ends_with_stop(out, count, stop_packed)
+    done = ~live_B | stopped | (count >= max_new)
+    zero = jnp.zeros(B, jnp.int32)
+    state = (jnp.zeros((), jnp.int32), first, lens_B.astype(jnp.int32), zero, jnp.zeros(B, bool), tst.cache,
+             dst.cache, out, count, done, stopped, zero, zero)
+
+    def body(s):
+        r, cur, pos, pend_tok, pend, tcache, dcache, out, count, done, stopped, n_acc_tot, rounds = s
+        live = ~done
+        dpos = lambda p: jnp.where(live, p, -1)  # noqa: E731  finished rows write nothing
+        # 1. draft: [pending d_k, cur] then k-1 single tokens
+        ids2 = jnp.stack([pend_tok, cur], axis=1)
+        pos2 = jnp.stack([jnp.where(pend & live, pos - 1, -1), dpos(pos)], axis=1)
+        dlogits, dcache = dstep(ids2, pos2, dcache)
+        q1 = _dist(dlogits[:, 1].astype(jnp.float32), sampling)
+        d1 = _draw(q1, keys(r + 1, 0))
+
+        def draft_step(carry, j):
+            tok, dcache = carry
+            lg, dcache = dstep(tok[:, None], dpos(pos + j)[:, None], dcache)
+            q = _dist(lg[:, 0].astype(jnp.float32), sampling)
+            d = _draw(q, jax.vmap(jax.random.fold_in)(keys(r + 1, 1), jnp.full(B, j)))
+            return (d, dcache), (d, q)
+
+        (_, dcache), (ds, qs) = jax.lax.scan(draft_step, (d1, dcache), jnp.arange(1, k))
+        drafts = jnp.concatenate([d1[:, None], ds.T], axis=1)  # [B, k]
+        q = jnp.concatenate([q1[:, None], jnp.swapaxes(qs, 0, 1)], axis=1)  # [B, k, V]
+        # 2. target verifies [cur, d_1..d_k] in one pass
+        tpos = jnp.where(live[:, None], pos[:, None] + jnp.arange(k + 1)[None], -1)
+        tlogits, tcache = tstep(jnp.concatenate([cur[:, None], drafts], axis=1), tpos, tcache)
+        V = tlogits.shape[-1]
+        p = _dist(tlogits.reshape(B * (k + 1), V).astype(jnp.float32), sampling).reshape(B, k + 1, V)
+        # 3. accept a prefix, add one token
+        n_acc, new = accept(drafts, q, p, keys(r + 1, k))
+        out = _write(out, new, count, live)
+        # stop sequences ending at any newly emitted token: cut after the first one
+        emitted = n_acc + 1
+        hits = jnp.stack([stop_lib.ends_with_stop(out, count + j + 1, stop_packed) & (j < emitted)
+                          for j in range(k + 1)], axis=1)
+        hit_any = jnp.any(hits, axis=1) & live
+        emitted = jnp.where(hit_any, jnp.argmax(hits, axis=1) + 1, emitted)
+        new_count = jnp.where(live, count + emitted, count)
+        out = jnp.where(jnp.arange(N)[None] < new_count[:, None], out, -1)
+        last = jnp.take_along_axis(new, (emitted - 1)[:, None], axis=1)[:, 0]
+        all_acc = n_acc == k
+        return (r + 1, jnp.where(live, last, cur), jnp.where(live, pos + emitted, pos),
+                jnp.where(live, drafts[:, -1], pend_tok), live & all_acc & ~hit_any, tcache, dcache, out,
+                new_count, done | hit_any | (new_count >= max_new), stopped | hit_any,
+                n_acc_tot + jnp.where(live, n_acc, 0), rounds + live.astype(jnp.int32))
+
+    s = jax.lax.while_loop(lambda s: ~jnp.all(s[9]), body, state)
+    return s[7], s[10], s[11], s[12]
+
+
+def _write(out, new, count, live):
+    """Row b: out[b, count[b] : count[b] + k + 1] = new[b] (only for live rows)."""
+    upd = jax.vmap(lambda o, t, c: jax.lax.dynamic_update_slice(o, t, (c,)))(out, new, count)
+    return jnp.where(live[:, None], upd, out)
+
+
+_JITTED: dict = {}
+
+
+def speculative_generate(target, tparams, draft, dparams, prompts, *, max_new_tokens: int, k: int = 4,
+                         sampling: S.Sampling = S.GREEDY, seed=0, stop=None, eos_id=None, lengths=None,
+                         bucket: bool = True) -> SpeculativeResult:
+    """Generate with `target`, drafting k tokens per round with `draft` (decoder-only models, same vocabulary)."""
+    for m, name in ((target, "target"), (draft, "draft")):
+        if m.cfg.kind != "decoder":
+            raise ValueError(f"speculative decoding: the {name} must be a decoder-only model, got kind "
+                             f"{m.cfg.kind!r}")
+        if m.cfg.window is not None:
+            raise ValueError(f"speculative decoding: the {name} uses a sliding window (window={m.cfg.window}); "
+                             "rejected drafts would overwrite ring-buffer slots the window still needs")
+    if target.cfg.vocab_size != draft.cfg.vocab_size:
+        raise ValueError(f"speculative decoding: draft vocab_size={draft.cfg.vocab_size} differs from target "
+                         f"vocab_size={target.cfg.vocab_size}; the draft must share the target's tokenizer")
+    if sampling.penalized:
+        raise ValueError("speculative decoding: repetition/frequency/presence penalties are not supported "
+                         "(the acceptance rule needs the distributions of all k+1 positions at once)")
+    if k < 1:
+        raise ValueError(f"k={k}: the draft must propose at least one token per round")
+    d = G._prepare(target, prompts, lengths, max_new_tokens, None, seed, bucket)
+    max_len = d["ids"].shape[1] + max_new_tokens + k + 1
+    limit = min([m.cfg.max_seq_len for m in (target, draft) if m.cfg.position == "learned"] + [max_len])
+    if limit < max_len:
+        raise ValueError(f"speculative decoding: prompt bucket + max_new_tokens + k + 1 = {max_len} exceeds the "
+                         f"learned position table ({limit})")
+    stop_items, packed = G._stop_arg(stop, eos_id)
+    key = (id(target), id(draft))
+    if key not in _JITTED or _JITTED[key][0][0] is not target or _JITTED[key][0][1] is not draft:
+        _JITTED[key] = ((target, draft), jax.jit(functools.partial(_run, target, draft),
+                                                 static_argnames=("k", "max_new", "max_len", "sampling")))
+    out, stopped, n_acc, rounds = _JITTED[key][1](tparams, dparams, d["ids"], d["lens"], d["live"], d["seeds"], packed,
+                                                  k=k, max_new=max_new_tokens, max_len=max_len, sampling=sampling)
+    out = np.asarray(out)[:, :max_new_tokens]
+    gen = G._finish(out, None, stopped, d["n"], stop_items)
+    n_acc, rounds = np.asarray(n_acc)[: d["n"]].sum(), np.asarray(rounds)[: d["n"]].sum()
+    emitted = sum(len(t) for t in gen.tokens)
+    return SpeculativeResult(gen.tokens, gen.finish_reasons, None, acceptance_rate=float(n_acc / max(rounds * k, 1)),
+                             tokens_per_round=float(emitted / max(rounds, 1)), rounds=int(rounds))
