@@ -1,0 +1,189 @@
+"""`jaxtx aot CONFIG --topology v5p:2x2x1 [key=value ...]`: compile the training step for a TPU pod slice on a machine
+without TPUs, and say whether it fits.
+
+libtpu provides compile-only devices for a named topology; the real train step (jaxtx.train.step) is lowered with
+abstract, sharded state and batch (nothing is allocated), compiled by the TPU compiler, and XLA's memory and cost
+analyses give per-device HBM use and FLOPs. Exit codes: 0 fits, 1 does not fit (the message gives the numbers),
+2 bad config / topology / no libtpu.
+
+CONFIG is a run config (YAML path or a name under configs/ or configs/runs/) or, for convenience, a model preset name;
+`--mesh NAME` takes the mesh section from configs/meshes/NAME.yaml; dotted overrides (mesh.fsdp=4, train.batch_size=64,
+model.n_layers=4) apply last.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+# HBM per chip (GiB), by the topology name's generation prefix. The compile-only devices report no memory stats.
+HBM_GIB = {"v2": 8, "v3": 16, "v4": 32, "v5e": 16, "v5litepod": 16, "v5p": 95, "v6e": 32, "v7": 192, "v7x": 192}
+
+
+def _options(p, required: bool) -> None:
+    p.add_argument("--topology", required=required, help="TPU topology, e.g. v5p:2x2x1, v5e:4x4, v4:2x2x2")
+    p.add_argument("--num-slices", type=int, default=None, help="slices joined over DCN (use mesh.dcn_* to split)")
+    p.add_argument("--mesh", default=None, help="mesh preset under configs/meshes/ (e.g. fsdp-tp)")
+    p.add_argument("--hbm-gib", type=float, default=None, help="HBM per chip; default from the topology generation")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("aot", help="compile the train step for a TPU topology (no TPU needed); report HBM, FLOPs",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _options(p, required=False)
+    p.add_argument("config", help="run config (YAML path or name) or a model preset name (e.g. llama3-8b)")
+    # REMAINDER: the core CLI uses parse_args, which cannot take options after the overrides have started; options
+    # given after CONFIG land here and are parsed again in run().
+    p.add_argument("overrides", nargs=argparse.REMAINDER,
+                   help="dotted overrides: mesh.fsdp=4 train.batch_size=32 model.n_layers=4")
+    p.set_defaults(func=run)
+
+
+def _merge_late_options(args) -> None:
+    late = argparse.ArgumentParser(prog="jaxtx aot", add_help=False)
+    _options(late, required=False)
+    late.add_argument("rest", nargs="*")
+    ns = late.parse_intermixed_args(args.overrides)
+    for k in ("topology", "num_slices", "mesh", "hbm_gib"):
+        if getattr(ns, k) is not None:
+            setattr(args, k, getattr(ns, k))
+    args.overrides = ns.rest
+    args.num_slices = args.num_slices or 1
+
+
+def load_config(config: str, mesh: str | None, overrides: list[str]):
+    """Run config from a run YAML or a model preset, with the mesh preset and overrides applied."""
+    from jaxtx.config import ConfigError, preset_names
+    from jaxtx.train.config import load_run_config, resolve_run_path
+    pre = []
+    if mesh:
+        from jaxtx.sharding import load_mesh_config
+        import dataclasses
+        pre = [f"mesh.{k}={v}" for k, v in dataclasses.asdict(load_mesh_config(mesh)).items()]
+    try:
+        resolve_run_path(config)
+        return load_run_config(config, pre + list(overrides))
+    except ConfigError:
+        if config not in preset_names():
+            raise
+    return load_run_config(None, [f"model.preset={config}"] + pre + list(overrides))
+
+
+def hbm_bytes(topology: str, override_gib: float | None) -> int:
+    from jaxtx.config import ConfigError
+    if override_gib:
+        return int(override_gib * 2**30)
+    gen = topology.split(":")[0].lower()
+    if gen not in HBM_GIB:
+        raise ConfigError(f"--topology {topology!r}: unknown HBM size for generation {gen!r} "
+                          f"(known: {sorted(HBM_GIB)}); pass --hbm-gib")
+    return int(HBM_GIB[gen] * 2**30)
+
+
+def topology_devices(topology: str, num_slices: int = 1):
+    from jax.experimental import topologies
+    from jaxtx.config import ConfigError
+    try:
+        topo = topologies.get_topology_desc(topology_name=topology, platform="tpu", num_slices=num_slices) \
+            if num_slices > 1 else topologies.get_topology_desc(topology_name=topology, platform="tpu")
+    except Exception as e:  # noqa: BLE001 — libtpu missing or a bad name; both are user-fixable
+        raise ConfigError(f"--topology {topology!r}: cannot get compile-only TPU devices ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); is libtpu installed and the name valid "
+                          "(e.g. v5p:2x2x1, v5e:2x2)?") from e
+    return list(topo.devices)
+
+
+def compile_train_step(run_cfg, devices):
+    """Lower and compile the train step for `devices`. Returns (compiled, info dict)."""
+    import jax
+    from jaxtx import model as jmodel
+    from jaxtx import sharding as shd
+    from jaxtx.train.optim import make_optimizer
+    from jaxtx.train.step import abstract_batch, make_train_step, state_shardings
+
+    cfg = run_cfg.model_config()
+    mesh, rules = shd.make_mesh(run_cfg.mesh, devices=devices), shd.rules_for(run_cfg.mesh)
+    from jaxtx.train.loop import check_batch
+    check_batch(run_cfg, mesh, rules)
+    model = jmodel.build(cfg)
+    optimizer = make_optimizer(run_cfg.optim, run_cfg.train.steps)
+    # Abstract state outside the mesh context: making the dummy init inputs (concrete arrays) under a mesh of
+    # compile-only devices would try to place them there.
+    state, shardings = state_shardings(model, cfg, run_cfg, optimizer, mesh, rules)
+    batch = abstract_batch(cfg, run_cfg, mesh, rules)
+    with shd.use_mesh(mesh, rules):
+        step = make_train_step(model, cfg, run_cfg, optimizer, mesh=mesh, rules=rules, shardings=shardings)
+        t0 = time.perf_counter()
+        lowered = step.lower(state, batch)
+        t1 = time.perf_counter()
+        compiled = lowered.compile()
+        t2 = time.perf_counter()
+    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    replicated = shd.check_replicated(state["params"], threshold_bytes=64 * 2**20)
+    return compiled, {"lower_s": t1 - t0, "compile_s": t2 - t1, "mesh": dict(mesh.shape), "n_params": n_params,
+                      "tokens": run_cfg.train.batch_size * run_cfg.train.seq_len, "replicated": replicated}
+
+
+def analyze(compiled, hbm: int) -> dict:
+    """Per-device bytes from XLA's memory analysis and FLOPs from its cost analysis."""
+    m = compiled.memory_analysis()
+    args, out, temp = m.argument_size_in_bytes, m.output_size_in_bytes, m.temp_size_in_bytes
+    alias, code = m.alias_size_in_bytes, m.generated_code_size_in_bytes
+    total = args + out - alias + temp + code  # donated state: outputs reuse the argument buffers
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return {"arguments": args, "outputs": out, "aliased": alias, "temps": temp, "code": code, "total": total,
+            "hbm": hbm, "fits": total <= hbm, "flops": float((cost or {}).get("flops", float("nan")))}
+
+
+def gib(x: float) -> str:
+    return f"{x / 2**30:.2f} GiB"
+
+
+def report(topology: str, n_devices: int, info: dict, mem: dict, out=sys.stdout) -> None:
+    p = lambda s: print(s, file=out)  # noqa: E731
+    p(f"topology {topology}: {n_devices} chips, mesh {info['mesh']}")
+    p(f"params {info['n_params'] / 1e9:.3f} B, {info['tokens']} tokens per step")
+    p(f"lower {info['lower_s']:.1f} s, compile {info['compile_s']:.1f} s")
+    p(f"HBM per device: arguments {gib(mem['arguments'])} + outputs {gib(mem['outputs'])} - aliased "
+      f"{gib(mem['aliased'])} + temps {gib(mem['temps'])} + code {gib(mem['code'])} = {gib(mem['total'])} "
+      f"of {gib(mem['hbm'])} ({100 * mem['total'] / mem['hbm']:.0f}%)")
+    # 6 * params * tokens counts matmul FLOPs of a dense forward+backward; XLA's count adds attention, remat, etc.
+    p(f"FLOPs per device per step (XLA cost analysis): {mem['flops']:.4g}; 6*N*tokens/devices = "
+      f"{6 * info['n_params'] * info['tokens'] / n_devices:.4g}")
+    for line in info["replicated"]:
+        p(f"warning: replicated param >= 64 MiB: {line}")
+
+
+def run(args) -> int:
+    if "JAX_PLATFORMS" not in os.environ:  # never probe for a local accelerator: the TPU is compile-only here
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        import jax
+        try:
+            jax.config.update("jax_platforms", "cpu")
+        except Exception:  # noqa: BLE001 — a backend already started; harmless
+            pass
+    from jaxtx.config import ConfigError
+    _merge_late_options(args)
+    if not args.topology:
+        print("error: --topology is required (e.g. --topology v5p:2x2x1)", file=sys.stderr)
+        return 2
+    try:
+        run_cfg = load_config(args.config, args.mesh, args.overrides)
+        hbm = hbm_bytes(args.topology, args.hbm_gib)
+        devices = topology_devices(args.topology, args.num_slices)
+        compiled, info = compile_train_step(run_cfg, devices)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    mem = analyze(compiled, hbm)
+    report(args.topology, len(devices), info, mem)
+    if not mem["fits"]:
+        print(f"error: does not fit: {gib(mem['total'])} per device needed (arguments {gib(mem['arguments'])}, "
+              f"outputs {gib(mem['outputs'])}, aliased {gib(mem['aliased'])}, temps {gib(mem['temps'])}) > "
+              f"{gib(hbm)} HBM per {args.topology.split(':')[0]} chip; shard more (mesh.fsdp, mesh.tensor), "
+              "lower train.batch_size or use model.remat=full", file=sys.stderr)
+        return 1
+    print("fits")
+    return 0

@@ -1,0 +1,48 @@
+"""`jaxtx train CONFIG [key=value ...]`: parse, train (or resume), print the summary. Exit codes: 0 done or cleanly
+interrupted (rerun the same command to resume), 1 non-finite loss, 2 bad config or data."""
+from __future__ import annotations
+
+import os
+import sys
+
+
+def register_train(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train a model from a run config (resumes if its out_dir has checkpoints)",
+                              description=__doc__)
+    p.add_argument("config", help="run config: a YAML path, or a name under configs/ (tiny) or configs/runs/ (sft)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200 model.n_layers=2 out_dir=runs/x")
+    p.set_defaults(func=run)
+
+
+def setup_jax_cache() -> None:
+    """A persistent compilation cache: a resumed run (or a rerun) skips recompiling."""
+    import jax
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/jaxtx-jit"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def run(args) -> int:
+    from jaxtx.config import ConfigError
+    from jaxtx.train.config import load_run_config
+    from jaxtx.train.loop import NonFiniteError, train
+    try:
+        cfg = load_run_config(args.config, args.overrides)
+        setup_jax_cache()
+        out = train(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{out['status']} at step {out['step']} in {out['wall_s']:.0f} s; run dir {out['run_dir']}")
+    if out["status"] != "done":
+        print("rerun the same command to resume from the checkpoint just saved")
+        return 0
+    print(f"final train loss {out['train_loss']:.3f}, eval loss {out['eval_loss']:.3f} nats/token "
+          f"(unigram entropy of the tokens {out['unigram_entropy']:.3f})")
+    if out["skipped"]:
+        print(f"{out['skipped']} non-finite updates were skipped")
+    for prompt, cont in out["samples"]:
+        print("-" * 60 + f"\n{prompt}\033[1m{cont}\033[0m" if sys.stdout.isatty() else "-" * 60 + f"\n{prompt}{cont}")
+    return 0

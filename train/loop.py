@@ -1,0 +1,237 @@
+"""`jaxtx train`: data -> model -> jitted steps -> checkpoints, metrics, eval, samples. Resumable at any moment.
+
+Order matters: every check that can fail on user input (config, data files, tokenizer vs vocab, batch vs mesh) runs
+before the first compile. Exact resume rests on three things: the data iterator state is saved with every
+checkpoint, the step RNG is a function of (seed, step), and metrics files are cut back to the restored step.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+
+from jaxtx import model as jmodel
+from jaxtx import sharding as shd
+from jaxtx.config import ConfigError
+from jaxtx.train import data as jdata
+from jaxtx.train import metrics as jmetrics
+from jaxtx.train.checkpoint import Checkpointer
+from jaxtx.train.config import RunConfig
+from jaxtx.train.objectives import make_objective
+from jaxtx.train.optim import make_optimizer
+from jaxtx.train.sample import greedy_generate
+from jaxtx.train.step import init_train_state, make_eval_step, make_train_step, state_shardings
+from jaxtx.train.tokenizer import BOS, EOS
+
+STDLIB_PROMPTS = ["import ", "def ", "class ", "    def __init__(self"]
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def make_run_mesh(run_cfg: RunConfig):
+    """The one place a training mesh is made: (mesh, rules) from the run's mesh section."""
+    return shd.make_mesh(run_cfg.mesh), shd.rules_for(run_cfg.mesh)
+
+
+def check_batch(run_cfg: RunConfig, mesh, rules) -> None:
+    spec = shd.batch_sharding(mesh, rules).spec[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+    dp = math.prod(mesh.shape[a] for a in axes)
+    B, A = run_cfg.train.batch_size, run_cfg.optim.grad_accum
+    if (B // A) % dp:
+        raise ConfigError(f"train.batch_size={B} (/ optim.grad_accum={A} = {B // A} rows per micro-batch) is not "
+                          f"divisible by the data-parallel size {dp} (mesh axes {dict(mesh.shape)})")
+
+
+def _write_config(run_cfg: RunConfig, run_dir: Path, log) -> None:
+    path, new = run_dir / "config.yaml", run_cfg.to_dict()
+    if path.exists():
+        old = yaml.safe_load(path.read_text()) or {}
+        diff = [f"{s}.{k}" for s in new if isinstance(new[s], dict)
+                for k in new[s] if (old.get(s) or {}).get(k) != new[s][k]]
+        if diff:
+            log(f"note: resuming with changed settings {diff} (was {path})")
+    path.write_text(yaml.safe_dump(new, sort_keys=False))
+
+
+class _Signals:
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint after the current step and exits cleanly."""
+
+    def __init__(self):
+        self.got = None
+        self.old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self.old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a test thread): no handlers
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.got = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+
+
+def train(run_cfg: RunConfig, log=print) -> dict:
+    """Run (or resume) a training run. Returns a summary dict; raises ConfigError / NonFiniteError."""
+    t_start = time.time()
+    cfg = run_cfg.model_config()
+    t = run_cfg.train
+    run_dir = Path(run_cfg.out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data = jdata.prepare(run_cfg, cfg, run_dir)
+    mesh, rules = make_run_mesh(run_cfg)
+    check_batch(run_cfg, mesh, rules)
+    _write_config(run_cfg, run_dir, log)
+
+    model = jmodel.build(cfg)
+    optimizer = make_optimizer(run_cfg.optim, t.steps)
+    abstract, shardings = state_shardings(model, cfg, run_cfg, optimizer, mesh, rules)
+    ckpt = Checkpointer(run_dir / "checkpoints", keep=t.keep_ckpts, async_save=t.async_ckpt)
+    restored = ckpt.restore_latest(abstract, log=log)
+    if restored is not None:
+        start, state, meta = restored
+        log(f"resuming from {ckpt.dir}/{start}")
+    else:
+        start, meta = 0, None
+        init = None
+        if t.init_from:
+            init = Checkpointer(t.init_from).restore_params(abstract["params"])
+            log(f"params from {t.init_from}")
+        state = init_train_state(model, cfg, run_cfg, optimizer, mesh, rules, jax.random.key(t.seed), params=init)
+
+    n_proc, proc = jax.process_count(), jax.process_index()
+    it = jdata.train_iterator(data.train_rows, run_cfg, t.batch_size // n_proc, data.span_fn, shard=(proc, n_proc))
+    if meta is not None:
+        it.set_state(meta["data"])
+    objective = make_objective(model, cfg, t, mask_id=data.tokenizer.mask_id, tok_vocab=data.tokenizer.vocab_size)
+    step_fn = make_train_step(model, cfg, run_cfg, optimizer, objective=objective, mesh=mesh, rules=rules,
+                              shardings=shardings)
+    eval_fn = make_eval_step(model, cfg, run_cfg, objective=objective)
+    evals = jdata.eval_batches(data.eval_rows, run_cfg, t.batch_size, data.span_fn)
+    b_sh = shd.batch_sharding(mesh, rules)
+    to_device = lambda b: {k: jax.make_array_from_process_local_data(b_sh, np.asarray(v)) for k, v in b.items()}  # noqa
+
+    writer = jmetrics.MetricsWriter(run_dir, start)
+    tokens_per_step = t.batch_size * t.seq_len
+    flops_per_token = jmetrics.train_flops_per_token(cfg, t.seq_len)
+    peak = jmetrics.total_peak_flops(mesh.devices.flat)
+    bar = None
+    if t.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=t.steps, initial=start, desc="train", dynamic_ncols=True, file=sys.stderr)
+    clock = {"t": None, "step": start}
+    last = {"loss": float("nan"), "eval_loss": float("nan")}
+
+    def handle(step_no: int, m) -> None:
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        if not m["finite"]:
+            bad = "loss" if not math.isfinite(m["loss"]) else "grad_norm"
+            if not t.skip_nonfinite:
+                good = ckpt.steps()
+                raise NonFiniteError(
+                    f"non-finite {bad} at step {step_no} (loss={m['loss']}, grad_norm={m['grad_norm']}); the update "
+                    f"was not applied and no checkpoint was written after it. Last good checkpoint: "
+                    f"{good[-1] if good else 'none'} in {ckpt.dir}. Lower optim.lr, or set train.skip_nonfinite=true "
+                    "to skip such updates and count them.")
+            log(f"step {step_no}: non-finite {bad}, update skipped ({int(m['skipped'])} so far)")
+        now = time.time()
+        if clock["t"] is None:  # the first step includes compilation: start timing after it
+            clock["t"], clock["step"] = now, step_no
+        if bar is not None:
+            bar.update(step_no - bar.n)
+        if step_no % t.log_every and step_no != t.steps:
+            return
+        dt, ds = now - clock["t"], step_no - clock["step"]
+        tps = tokens_per_step * ds / dt if ds and dt > 0 else float("nan")
+        rec = {"step": step_no, "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"], "tokens_per_s": tps,
+               "mfu": tps * flops_per_token / peak if peak == peak else float("nan"),
+               **{k: v for k, v in m.items() if k not in ("loss", "lr", "grad_norm", "finite", "tokens")}}
+        writer.write("train", rec)
+        clock["t"], clock["step"] = now, step_no
+        last["loss"] = m["loss"]
+        if bar is not None:
+            bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{tps:,.0f}" if tps == tps else "-")
+
+    def evaluate(step_no: int, params, ref) -> None:
+        tot = n = 0.0
+        for b in evals:
+            s_, n_ = eval_fn(params, to_device(b), ref)
+            tot, n = tot + float(s_), n + float(n_)
+        loss = tot / max(n, 1.0)
+        writer.write("eval", {"step": step_no, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))})
+        last["eval_loss"] = loss
+
+    status, pending = "done", None
+    with _Signals() as sig, shd.use_mesh(mesh, rules):
+        try:
+            for s in range(start, t.steps):
+                if sig.got:
+                    break
+                batch = next(it)
+                data_state = it.get_state()
+                state, m = step_fn(state, to_device(batch))
+                if pending is not None:
+                    handle(*pending)
+                pending = (s + 1, m)
+                at_ckpt = (s + 1) % t.ckpt_every == 0 or s + 1 == t.steps
+                at_eval = (s + 1) % t.eval_every == 0 or s + 1 == t.steps
+                if at_ckpt or at_eval or sig.got:
+                    handle(*pending)  # metrics of a checkpointed step are on disk before the checkpoint is
+                    pending = None
+                if at_eval:
+                    evaluate(s + 1, state["params"], state.get("ref_params"))
+                if at_ckpt or sig.got:
+                    ckpt.save(s + 1, state, {"step": s + 1, "data": data_state})
+            if pending is not None:
+                handle(*pending)
+            if sig.got:
+                status = f"interrupted by {sig.got}"
+        finally:
+            ckpt.close()
+            writer.close()
+            if bar is not None:
+                bar.close()
+        step_done = int(jax.device_get(state["step"]))
+        samples = _samples(model, cfg, state["params"], data, run_cfg) if status == "done" else []
+    if status == "done":
+        jmetrics.plot_losses(run_dir, data.unigram_entropy)
+    return {"status": status, "step": step_done, "train_loss": last["loss"], "eval_loss": last["eval_loss"],
+            "unigram_entropy": data.unigram_entropy, "wall_s": time.time() - t_start, "samples": samples,
+            "skipped": int(jax.device_get(state["skipped"])), "run_dir": str(run_dir)}
+
+
+def _samples(model, cfg, params, data, run_cfg: RunConfig) -> list[tuple[str, str]]:
+    """(prompt, greedy continuation) pairs for decoder objectives."""
+    t, tok = run_cfg.train, data.tokenizer
+    if cfg.kind != "decoder" or t.samples < 1:
+        return []
+    if run_cfg.data.source == "stdlib":
+        prompts = [tok.encode(p) for p in STDLIB_PROMPTS[:t.samples]]
+    else:
+        rows = data.eval_rows
+        prompts = []
+        for i in range(min(t.samples, len(rows["tokens"]))):
+            toks, seg = rows["tokens"][i], rows["segment_ids"][i]
+            n = int(((seg == seg[0]) & (rows["loss_mask"][i] == 0)).sum()) if "loss_mask" in rows else 8
+            prompts.append([int(x) for x in toks[:max(1, n)]])
+    n_new = max(1, min(t.sample_tokens, cfg.max_seq_len - max(len(p) for p in prompts)))
+    outs = greedy_generate(model, params, prompts, n_new, eos_id=EOS)
+    return [(tok.decode(p), tok.decode(o)) for p, o in zip(prompts, outs)]
+
+
+del BOS, jnp  # imported for readers of the sample format; unused
