@@ -257,6 +257,25 @@ def test_base_model_without_prefix_and_gamma_beta_names_load(tmp_path):
     np.testing.assert_array_equal(params["embed_norm"]["scale"], full["embed_norm"]["scale"])
 
 
+def _gpt2_hub_style(t):  # the GPT-2 hub file: GPT2Model names (no "transformer."), causal-mask buffers
+    for n in list(t):
+        t[n.removeprefix("transformer.")] = t.pop(n)
+    t["h.0.attn.bias"] = np.tril(np.ones((1, 1, 64, 64), np.float32))
+    t["h.1.attn.masked_bias"] = np.array(-1e4, np.float32)
+
+
+def _t5_hub_style(t):  # t5-small on the hub: tied copies of the embedding and a cross-attention table HF ignores
+    for n in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight"):
+        t[n] = t["shared.weight"]
+    t["decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"] = np.zeros((8, 4), np.float32)
+
+
+@pytest.mark.parametrize("name,edit", [("gpt2", _gpt2_hub_style), ("t5", _t5_hub_style)])
+def test_hub_style_files_load_to_the_same_params(tmp_path, name, edit):
+    _, params = jaxtx.hf.load(_broken_copy(tmp_path, name, edit))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, loaded(name)[1])
+
+
 def test_unsupported_model_type(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gptj", "n_embd": 64}))
     with pytest.raises(jaxtx.hf.HFConversionError, match=r"model_type='gptj': unsupported; .*'llama'.*'t5'"):
