@@ -138,12 +138,14 @@ def speculative_generate(target, tparams, draft, dparams, prompts, *, max_new_to
                          "(the acceptance rule needs the distributions of all k+1 positions at once)")
     if k < 1:
         raise ValueError(f"k={k}: the draft must propose at least one token per round")
+    limit = min([m.cfg.max_seq_len for m in (target, draft) if m.cfg.position == "learned"] + [1 << 62])
     d = G._prepare(target, prompts, lengths, max_new_tokens, None, seed, bucket)
-    max_len = d["ids"].shape[1] + max_new_tokens + k + 1
-    limit = min([m.cfg.max_seq_len for m in (target, draft) if m.cfg.position == "learned"] + [max_len])
-    if limit < max_len:
-        raise ValueError(f"speculative decoding: prompt bucket + max_new_tokens + k + 1 = {max_len} exceeds the "
-                         f"learned position table ({limit})")
+    longest = int(d["lens"].max())
+    if longest + max_new_tokens + k + 1 > limit:
+        raise ValueError(f"speculative decoding: prompt ({longest}) + max_new_tokens ({max_new_tokens}) + k + 1 = "
+                         f"{longest + max_new_tokens + k + 1} exceeds the learned position table ({limit})")
+    # verification writes up to k positions past the last kept token, hence the k + 1 spare slots
+    max_len = min(d["ids"].shape[1] + max_new_tokens + k + 1, limit)
     stop_items, packed = G._stop_arg(stop, eos_id)
     key = (id(target), id(draft))
     if key not in _JITTED or _JITTED[key][0][0] is not target or _JITTED[key][0][1] is not draft:
