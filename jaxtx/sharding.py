@@ -201,14 +201,16 @@ def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[Any] | None = Non
     grouped by slice (TPU slice_index) or, on CPU/GPU, by process, so only DCN axes cross the slow network."""
     cfg = cfg or MeshConfig()
     devices = list(jax.devices() if devices is None else devices)
-    has_slices = all(getattr(d, "slice_index", None) is not None for d in devices)
-    granules = len({d.slice_index for d in devices} if has_slices else {d.process_index for d in devices})
+    # DCN granules: TPU slices when there are several; otherwise processes (CPU/GPU devices report slice_index 0).
+    n_slices = len({getattr(d, "slice_index", 0) for d in devices})
+    by_slice = n_slices > 1
+    granules = n_slices if by_slice else len({d.process_index for d in devices})
     ici, dcn = mesh_shape(cfg, len(devices), granules)
     types = (AxisType.Auto,) * len(AXES)
     if math.prod(dcn) == 1:
         return jax.make_mesh(ici, AXES, axis_types=types, devices=devices)
     from jax.experimental import mesh_utils
-    arr = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=not has_slices)
+    arr = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=not by_slice)
     return Mesh(arr, AXES, axis_types=types)
 
 
@@ -298,6 +300,24 @@ def batch_sharding(mesh: Mesh, rules: Rules | None = None, ndim: int = 2) -> Nam
     axes = dict((n, a) for n, a in reversed(rules or (_BATCH,))).get("batch", _BATCH[1])
     axes = tuple(a for a in _as_tuple(axes) if a in mesh.shape)
     return NamedSharding(mesh, P(axes or None, *([None] * (ndim - 1))))
+
+
+def process_rows(sharding: NamedSharding, global_batch: int) -> tuple[int, int]:
+    """[start, stop) of the global batch rows this process must load: the union of the rows of its devices. Each
+    process feeds only these to `jax.make_array_from_process_local_data(sharding, local_rows)`."""
+    idx = sharding.addressable_devices_indices_map((global_batch,))
+    rows = sorted({(s[0].start or 0, global_batch if s[0].stop is None else s[0].stop) for s in idx.values()})
+    start, stop = rows[0][0], max(r[1] for r in rows)
+    if any(b[0] != a[1] for a, b in zip(rows, rows[1:])):
+        raise ValueError(f"process {jax.process_index()}: its batch rows {rows} are not one contiguous block; put the "
+                         "DCN (cross-process) axes first in the batch rule")
+    return start, stop
+
+
+def global_batch(local: dict, sharding: NamedSharding, global_batch_size: int) -> dict:
+    """Per-process rows (from process_rows) -> global jax.Arrays sharded by `sharding` (a no-op copy on 1 process)."""
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v), (global_batch_size, *v.shape[1:]))
+            for k, v in local.items()}
 
 
 def check_replicated(params, threshold_bytes: int = 1 << 20, mesh_devices: int | None = None) -> list[str]:
