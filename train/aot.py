@@ -84,6 +84,9 @@ def hbm_bytes(topology: str, override_gib: float | None) -> int:
 def topology_devices(topology: str, num_slices: int = 1):
     from jax.experimental import topologies
     from jaxtx.config import ConfigError
+    # libtpu takes /tmp/libtpu_lockfile per process; compile-only use touches no chip, so several processes (tests,
+    # other engineers' kernel AOT checks) may share it.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         topo = topologies.get_topology_desc(topology_name=topology, platform="tpu", num_slices=num_slices) \
             if num_slices > 1 else topologies.get_topology_desc(topology_name=topology, platform="tpu")
@@ -150,7 +153,9 @@ def report(topology: str, n_devices: int, info: dict, mem: dict, out=sys.stdout)
       f"{gib(mem['aliased'])} + temps {gib(mem['temps'])} + code {gib(mem['code'])} = {gib(mem['total'])} "
       f"of {gib(mem['hbm'])} ({100 * mem['total'] / mem['hbm']:.0f}%)")
     # 6 * params * tokens counts matmul FLOPs of a dense forward+backward; XLA's count adds attention, remat, etc.
-    p(f"FLOPs per device per step (XLA cost analysis): {mem['flops']:.4g}; 6*N*tokens/devices = "
+    # XLA's cost analysis counts a while-loop body once, so with scan_layers it sees one layer of the stack.
+    p(f"FLOPs per device per step (XLA cost analysis, a scanned layer stack counted once): {mem['flops']:.4g}; "
+      f"6*N*tokens/devices = "
       f"{6 * info['n_params'] * info['tokens'] / n_devices:.4g}")
     for line in info["replicated"]:
         p(f"warning: replicated param >= 64 MiB: {line}")
@@ -179,11 +184,16 @@ def run(args) -> int:
         return 2
     mem = analyze(compiled, hbm)
     report(args.topology, len(devices), info, mem)
-    if not mem["fits"]:
-        print(f"error: does not fit: {gib(mem['total'])} per device needed (arguments {gib(mem['arguments'])}, "
-              f"outputs {gib(mem['outputs'])}, aliased {gib(mem['aliased'])}, temps {gib(mem['temps'])}) > "
-              f"{gib(hbm)} HBM per {args.topology.split(':')[0]} chip; shard more (mesh.fsdp, mesh.tensor), "
-              "lower train.batch_size or use model.remat=full", file=sys.stderr)
-        return 1
-    print("fits")
-    return 0
+    code, message = verdict(mem, args.topology)
+    print(message, file=sys.stderr if code else sys.stdout)
+    return code
+
+
+def verdict(mem: dict, topology: str) -> tuple[int, str]:
+    """(exit code, message): 0 and "fits", or 1 and the numbers that do not fit with what to change."""
+    if mem["fits"]:
+        return 0, "fits"
+    return 1, (f"error: does not fit: {gib(mem['total'])} per device needed (arguments {gib(mem['arguments'])}, "
+               f"outputs {gib(mem['outputs'])}, aliased {gib(mem['aliased'])}, temps {gib(mem['temps'])}) > "
+               f"{gib(mem['hbm'])} HBM per {topology.split(':')[0]} chip; shard more (mesh.fsdp, mesh.tensor), "
+               "lower train.batch_size or use model.remat=full")

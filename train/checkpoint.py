@@ -6,6 +6,7 @@ nothing that `all_steps()` will pick up; an interrupted save is simply not there
 """
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -36,8 +37,14 @@ class Checkpointer:
                                                                       meta=ocp.args.JsonRestore()))
                 return step, out["state"], dict(out["meta"])
             except Exception as e:  # noqa: BLE001 — any failure to read means "try the previous one"
+                aside = self.dir.parent / "unreadable_checkpoints" / str(step)
                 log(f"checkpoint step {step} in {self.dir} is unreadable ({type(e).__name__}: {str(e)[:200]}); "
-                    "falling back to the previous checkpoint")
+                    f"moved to {aside}; falling back to the previous checkpoint")
+                # out of the manager's directory, so the step number can be saved again by this run
+                aside.parent.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(aside, ignore_errors=True)
+                shutil.move(str(self.dir / str(step)), str(aside))
+                self.mngr.reload()
         return None
 
     def restore_params(self, abstract_params, step: int | None = None):

@@ -126,7 +126,8 @@ def resolve_run_path(path: str | Path) -> Path:
     p = Path(path)
     if p.exists():
         return p
-    for cand in (configs_dir() / f"{path}.yaml", configs_dir() / "runs" / f"{path}.yaml"):
+    rel = str(path).removeprefix("configs/")  # `configs/tiny.yaml` works from any directory
+    for cand in (configs_dir() / rel, configs_dir() / f"{rel}.yaml", configs_dir() / "runs" / f"{rel}.yaml"):
         if cand.exists():
             return cand
     raise ConfigError(f"run config {str(path)!r} not found: expected a YAML path or a name under {configs_dir()}")

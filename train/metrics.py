@@ -85,6 +85,21 @@ def _truncate(path: Path, last_step: int) -> None:
     path.write_text("".join(k + "\n" for k in keep))
 
 
+def _summary_writer_class():
+    """tensorboardX.SummaryWriter without importing torch: tensorboardX tries `import torch` at import time only to
+    accept torch tensors (we log floats), and that import costs ~3 s per process when torch is installed."""
+    import sys
+    if "torch" in sys.modules or "tensorboardX" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX catches
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsWriter:
     def __init__(self, run_dir: str | Path, start_step: int, tensorboard: bool = True):
         self.dir = Path(run_dir)
@@ -94,7 +109,7 @@ class MetricsWriter:
         self.files = {k: open(p, "a") for k, p in self.paths.items()}
         self.tb = None
         if tensorboard:
-            from tensorboardX import SummaryWriter
+            SummaryWriter = _summary_writer_class()
             self.tb = SummaryWriter(str(self.dir / "tb"), purge_step=start_step + 1 if start_step else None)
 
     def write(self, kind: str, record: dict) -> None:

@@ -23,12 +23,12 @@ def run_cfg(extra, model=TINY_MODEL, path=None):
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_cli(args, cwd=None, timeout=600, **popen):
+def run_cli(args, cwd=None, timeout=600, popen=False):
     """`python -m jaxtx.train ARGS` in a subprocess with one CPU device (the product's own environment)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
     env.pop("XLA_FLAGS", None)
     cmd = [sys.executable, "-m", "jaxtx.train", *args]
     if popen:
         return subprocess.Popen(cmd, env=env, cwd=cwd or ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, **popen)
+                                text=True)
     return subprocess.run(cmd, env=env, cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout)
