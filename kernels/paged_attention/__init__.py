@@ -1,0 +1,84 @@
+"""Paged attention: decode (and a few speculative query tokens) against a paged KV cache.
+
+`paged_attention` checks shapes, lays the queries out as [B, K, T*G, Hd] rows per kv head (GQA without repeating
+K/V), and runs the TPU (Mosaic), GPU (Triton) or XLA reference body. backend="auto": TPU -> "pallas_tpu",
+GPU -> "pallas_gpu", CPU -> "xla" (or "pallas_gpu" in interpret mode when interpret=True).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxtx.kernels.paged_attention.reference import paged_attention_reference
+
+PAGED_BACKENDS = ("auto", "xla", "pallas_gpu", "pallas_tpu")
+
+
+def _check(q, k_pages, v_pages, lengths, page_indices, k_scales, v_scales, window):
+    def err(msg):
+        raise ValueError(f"paged_attention: {msg} (q {tuple(q.shape)}, k_pages {tuple(k_pages.shape)}, "
+                         f"lengths {tuple(lengths.shape)}, page_indices {tuple(page_indices.shape)})")
+
+    if q.ndim not in (3, 4):
+        err("q must be [B, H, Hd] or [B, T, H, Hd]")
+    if k_pages.ndim != 4 or k_pages.shape != v_pages.shape:
+        err(f"k_pages and v_pages must both be [K, P, page_size, Hd] (v_pages {tuple(v_pages.shape)})")
+    B, H, Hd = q.shape[0], q.shape[-2], q.shape[-1]
+    K = k_pages.shape[0]
+    if k_pages.shape[3] != Hd:
+        err(f"page head dim {k_pages.shape[3]} != q head dim {Hd}")
+    if H % K:
+        err(f"query heads H={H} must be a multiple of kv heads K={K}")
+    if tuple(lengths.shape) != (B,) or page_indices.ndim != 2 or page_indices.shape[0] != B:
+        err("lengths must be [B] and page_indices [B, pages_per_seq]")
+    for name, s in (("k_scales", k_scales), ("v_scales", v_scales)):
+        if s is not None and tuple(s.shape) not in (tuple(k_pages.shape[:3]), tuple(k_pages.shape[:2])):
+            err(f"{name} {tuple(s.shape)} must be [K, P, page_size] (per token) or [K, P] (per page)")
+    if (k_scales is None) != (v_scales is None):
+        err("give both k_scales and v_scales (int8 pages) or neither")
+    if jnp.issubdtype(k_pages.dtype, jnp.integer) and k_scales is None:
+        err(f"integer pages ({k_pages.dtype}) need k_scales / v_scales")
+    if window is not None and (not isinstance(window, int) or window <= 0):
+        err(f"window={window!r} must be a positive int or None")
+
+
+def paged_attention(q, k_pages, v_pages, lengths, page_indices, *, k_scales=None, v_scales=None, softmax_scale=None,
+                    window=None, backend="auto", interpret=False):
+    """q [B, H, Hd] (one new token) or [B, T, H, Hd] (the last T tokens, causal among themselves); k/v_pages
+    [K, P, page_size, Hd] (float or int8 with k/v_scales [K, P, page_size] or [K, P]); lengths [B] (tokens in the
+    sequence, including the T new ones); page_indices [B, pages_per_seq]. Returns q's shape in q.dtype."""
+    _check(q, k_pages, v_pages, lengths, page_indices, k_scales, v_scales, window)
+    if backend not in PAGED_BACKENDS:
+        raise ValueError(f"paged_attention: backend={backend!r}; expected one of {PAGED_BACKENDS}")
+    if backend == "auto":
+        platform = jax.default_backend()
+        backend = {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu"}.get(
+            platform, "pallas_gpu" if interpret else "xla")
+    if backend == "xla":
+        return paged_attention_reference(q, k_pages, v_pages, lengths, page_indices, k_scales=k_scales,
+                                         v_scales=v_scales, softmax_scale=softmax_scale, window=window)
+    squeeze = q.ndim == 3
+    q4 = q[:, None] if squeeze else q
+    B, T, H, Hd = q4.shape
+    K, _, ps, _ = k_pages.shape
+    G = H // K
+    scale = float(Hd ** -0.5 if softmax_scale is None else softmax_scale)
+    if k_scales is not None and k_scales.ndim == 2:  # per page -> per token (a [K, P, ps] f32 array, Hd x smaller)
+        k_scales = jnp.broadcast_to(k_scales[:, :, None], k_pages.shape[:3])
+        v_scales = jnp.broadcast_to(v_scales[:, :, None], k_pages.shape[:3])
+    # rows r = t * G + g of kv head k: [B, T, K, G, Hd] -> [B, K, T*G, Hd]
+    q_r = q4.reshape(B, T, K, G, Hd).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, Hd)
+    if backend == "pallas_gpu":
+        from jaxtx.kernels.paged_attention.gpu import paged_attention_gpu_core as core
+        R = max(16, 1 << (T * G - 1).bit_length())
+    else:
+        from jaxtx.kernels.paged_attention.tpu import paged_attention_tpu_core as core
+        R = -(-T * G // 8) * 8
+    q_r = jnp.pad(q_r, ((0, 0), (0, 0), (0, R - T * G), (0, 0)))
+    o_r = core(q_r, k_pages, v_pages, k_scales, v_scales, lengths.astype(jnp.int32),
+               page_indices.astype(jnp.int32), T=T, G=G, scale=scale, window=window, interpret=interpret)
+    o = o_r[:, :, :T * G].reshape(B, K, T, G, Hd).transpose(0, 2, 1, 3, 4).reshape(B, T, H, Hd)
+    return o[:, 0] if squeeze else o
+
+
+__all__ = ["paged_attention", "paged_attention_reference"]
