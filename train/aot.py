@@ -144,8 +144,8 @@ def gib(x: float) -> str:
     return f"{x / 2**30:.2f} GiB"
 
 
-def report(topology: str, n_devices: int, info: dict, mem: dict, out=sys.stdout) -> None:
-    p = lambda s: print(s, file=out)  # noqa: E731
+def report(topology: str, n_devices: int, info: dict, mem: dict, out=None) -> None:
+    p = lambda s: print(s, file=out or sys.stdout)  # noqa: E731
     p(f"topology {topology}: {n_devices} chips, mesh {info['mesh']}")
     p(f"params {info['n_params'] / 1e9:.3f} B, {info['tokens']} tokens per step")
     p(f"lower {info['lower_s']:.1f} s, compile {info['compile_s']:.1f} s")
