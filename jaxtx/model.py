@@ -127,7 +127,8 @@ class DecoderLM(nn.Module):
             else:
                 positions = jnp.broadcast_to(jnp.arange(T)[None, :], (B, T))
         x = _add_absolute_positions(cfg, self.embed(input_ids), positions, getattr(self, "pos_embed", None))
-        x = dropout("embed_dropout", cfg.dropout, x, deterministic, self)
+        x = self.perturb("embedded", x)  # zero unless a "perturbations" collection is passed: d(out)/d(embedding)
+        x = dropout(cfg.dropout, x, deterministic, self)
         x = constrain(x, ("batch", "length", "embed"))
         ctx = _position_ctx(cfg, positions)
         layer_caches = None
@@ -180,7 +181,8 @@ class EncoderModel(nn.Module):
             x = x + self.type_embed(tt)
         if cfg.embed_norm:
             x = self.embed_norm(x)
-        x = dropout("embed_dropout", cfg.dropout, x, deterministic, self)
+        x = self.perturb("embedded", x)
+        x = dropout(cfg.dropout, x, deterministic, self)
         ctx = _position_ctx(cfg, positions)
         if attention_mask is not None:
             ctx["segment_ids"] = jnp.ones((B, T), jnp.int32)
@@ -266,9 +268,9 @@ class Stack(nn.Module):
         if cfg.position == "t5":
             kv_pos = ctx.get("kv_pos_concat", ctx.get("kv_pos_new", ctx["positions"]))
             ctx = dict(ctx, bias=self.t5_bias(ctx["positions"], kv_pos))
-        x_BTD = dropout("embed_dropout", cfg.dropout, x_BTD, deterministic, self)
+        x_BTD = dropout(cfg.dropout, x_BTD, deterministic, self)
         x_BTD, caches = run_layers(self.layers, x_BTD, caches, ctx, deterministic)
-        x_BTD = dropout("final_dropout", cfg.dropout, self.final_norm(x_BTD), deterministic, self)
+        x_BTD = dropout(cfg.dropout, self.final_norm(x_BTD), deterministic, self)
         return x_BTD, caches
 
 

@@ -32,7 +32,7 @@ class Block(nn.Module):
 
         def residual(x, norm_name, fn):
             h = Norm(cfg, name=norm_name)(x) if pre else x
-            y = dropout(f"{norm_name}_dropout", cfg.dropout, fn(h), deterministic, self)
+            y = dropout(cfg.dropout, fn(h), deterministic, self)
             return x + y if pre else Norm(cfg, name=norm_name)(x + y)
 
         def attn(name, cross):

@@ -60,8 +60,12 @@ def activation(name: str):
     }[name]
 
 
-def dropout(mod_name: str, rate: float, x, deterministic: bool, parent: nn.Module):
-    """Dropout that is free when the rate is 0 or the call is deterministic."""
+def dropout(rate: float, x, deterministic: bool, module: nn.Module):
+    """Inverted dropout drawing from the module's "dropout" rng; free when the rate is 0 or the call is deterministic.
+
+    Functional (not nn.Dropout) so that setup-style modules can use it from any method.
+    """
     if rate == 0.0 or deterministic:
         return x
-    return nn.Dropout(rate, name=mod_name, parent=parent)(x, deterministic=False)
+    keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
