@@ -65,6 +65,16 @@ def test_cli_exit_codes(capsys):
     assert (ns.topology, ns.hbm_gib, ns.overrides) == (TOPO, 1.0, ["mesh.fsdp=4"])
 
 
+def test_multislice_mesh_puts_dcn_axis_across_slices():
+    from jaxtx import sharding as S
+    devices = aot.topology_devices(TOPO, num_slices=2)
+    mesh = S.make_mesh(S.MeshConfig(data=1, fsdp=-1, dcn_data=-1), devices=devices)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1, "expert": 1}
+    # Only the data axis crosses slices: every fsdp group lives inside one slice (ICI).
+    for i, row in enumerate(mesh.devices.reshape(2, 4)):
+        assert {d.slice_index for d in row} == {i}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("argv", [
     ["llama3-8b", "--topology", TOPO, "mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2", "model.n_layers=2",
