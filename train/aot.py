@@ -26,6 +26,8 @@ def _options(p, required: bool) -> None:
     p.add_argument("--num-slices", type=int, default=None, help="slices joined over DCN (use mesh.dcn_* to split)")
     p.add_argument("--mesh", default=None, help="mesh preset under configs/meshes/ (e.g. fsdp-tp)")
     p.add_argument("--hbm-gib", type=float, default=None, help="HBM per chip; default from the topology generation")
+    p.add_argument("--decode", default=None, metavar="BATCHxMAXLEN",
+                   help="also compile one decode step for BATCH rows and a KV cache of MAXLEN slots, e.g. 64x8192")
 
 
 def register(subparsers) -> None:
@@ -45,7 +47,7 @@ def _merge_late_options(args) -> None:
     _options(late, required=False)
     late.add_argument("rest", nargs="*")
     ns = late.parse_intermixed_args(args.overrides)
-    for k in ("topology", "num_slices", "mesh", "hbm_gib"):
+    for k in ("topology", "num_slices", "mesh", "hbm_gib", "decode"):
         if getattr(ns, k) is not None:
             setattr(args, k, getattr(ns, k))
     args.overrides = ns.rest
@@ -128,6 +130,56 @@ def compile_train_step(run_cfg, devices):
                       "tokens": run_cfg.train.batch_size * run_cfg.train.seq_len, "replicated": replicated}
 
 
+def compile_decode_step(run_cfg, devices, batch: int, max_len: int):
+    """Lower and compile one decode step (a token per row against a KV cache of max_len slots, cache donated), params
+    in the compute dtype as served. The cache is split like the activations: rows over the batch axes, kv heads over
+    tensor. Returns (compiled, info dict)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jaxtx import model as jmodel
+    from jaxtx import sharding as shd
+    from jaxtx.cache import KVCache
+    from jaxtx.config import ConfigError
+    from jaxtx.layers.common import dtype_of
+
+    cfg = run_cfg.model_config()
+    if cfg.kind != "decoder":
+        raise ConfigError(f"--decode: model.kind={cfg.kind!r}; the decode step is compiled for decoder models only")
+    mesh, rules = shd.make_mesh(run_cfg.mesh, devices=devices), shd.rules_for(run_cfg.mesh)
+    model, dt = jmodel.build(cfg), dtype_of(cfg.dtype)
+    params, _ = shd.param_shardings(model, mesh, rules, *jmodel.dummy_inputs(cfg))
+    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+        a.shape, dt if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype, sharding=a.sharding), params)
+    cache = jax.eval_shape(lambda: KVCache.init(cfg, batch, max_len, dt))
+
+    def spec(names, a, what):
+        return NamedSharding(mesh, shd.logical_to_spec(names, rules, mesh, shape=a.shape, what=what))
+    kv = ("layers", "batch", "kv_heads", None, "head_dim")
+    cache_sh = cache.replace(k=spec(kv, cache.k, "KV cache k"), v=spec(kv, cache.v, "KV cache v"),
+                             pos=spec(("batch", None), cache.pos, "KV cache pos"),
+                             lengths=spec(("batch",), cache.lengths, "KV cache lengths"))
+    cache = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), cache, cache_sh)
+    tok_sh = spec(("batch", None), cache.pos, "decode tokens")
+    ids = jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=tok_sh)
+    logits_sh = NamedSharding(mesh, shd.logical_to_spec(("batch", None, "vocab"), rules, mesh))
+
+    def step(p, c, ids, pos):
+        return model.apply({"params": p}, ids, positions=pos, cache=c)
+
+    with shd.use_mesh(mesh, rules):
+        fn = jax.jit(step, out_shardings=(logits_sh, cache_sh), donate_argnums=(1,))
+        t0 = time.perf_counter()
+        lowered = fn.lower(params, cache, ids, ids)
+        t1 = time.perf_counter()
+        compiled = lowered.compile()
+        t2 = time.perf_counter()
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    return compiled, {"lower_s": t1 - t0, "compile_s": t2 - t1, "mesh": dict(mesh.shape), "n_params": n_params,
+                      "tokens": batch, "replicated": [], "flop_factor": 2, "cache_bytes": sum(
+                          a.size * a.dtype.itemsize for a in jax.tree.leaves(cache))}
+
+
 def analyze(compiled, hbm: int) -> dict:
     """Per-device bytes from XLA's memory analysis and FLOPs from its cost analysis."""
     m = compiled.memory_analysis()
@@ -147,16 +199,17 @@ def gib(x: float) -> str:
 def report(topology: str, n_devices: int, info: dict, mem: dict, out=None) -> None:
     p = lambda s: print(s, file=out or sys.stdout)  # noqa: E731
     p(f"topology {topology}: {n_devices} chips, mesh {info['mesh']}")
-    p(f"params {info['n_params'] / 1e9:.3f} B, {info['tokens']} tokens per step")
+    p(f"params {info['n_params'] / 1e9:.3f} B, {info['tokens']} tokens per step"
+      + (f", KV cache {gib(info['cache_bytes'])} in all" if "cache_bytes" in info else ""))
     p(f"lower {info['lower_s']:.1f} s, compile {info['compile_s']:.1f} s")
     p(f"HBM per device: arguments {gib(mem['arguments'])} + outputs {gib(mem['outputs'])} - aliased "
       f"{gib(mem['aliased'])} + temps {gib(mem['temps'])} + code {gib(mem['code'])} = {gib(mem['total'])} "
       f"of {gib(mem['hbm'])} ({100 * mem['total'] / mem['hbm']:.0f}%)")
     # 6 * params * tokens counts matmul FLOPs of a dense forward+backward; XLA's count adds attention, remat, etc.
     # XLA's cost analysis counts a while-loop body once, so with scan_layers it sees one layer of the stack.
+    f = info.get("flop_factor", 6)  # forward + backward = 6 N per token; decode (forward) = 2 N
     p(f"FLOPs per device per step (XLA cost analysis, a scanned layer stack counted once): {mem['flops']:.4g}; "
-      f"6*N*tokens/devices = "
-      f"{6 * info['n_params'] * info['tokens'] / n_devices:.4g}")
+      f"{f}*N*tokens/devices = {f * info['n_params'] * info['tokens'] / n_devices:.4g}")
     for line in info["replicated"]:
         p(f"warning: replicated param >= 64 MiB: {line}")
 
@@ -178,14 +231,24 @@ def run(args) -> int:
         run_cfg = load_config(args.config, args.mesh, args.overrides)
         hbm = hbm_bytes(args.topology, args.hbm_gib)
         devices = topology_devices(args.topology, args.num_slices)
-        compiled, info = compile_train_step(run_cfg, devices)
+        results = [("train step", *compile_train_step(run_cfg, devices))]
+        if args.decode:
+            try:
+                b, n = (int(v) for v in args.decode.lower().split("x"))
+            except ValueError:
+                raise ConfigError(f"--decode {args.decode!r}: expected BATCHxMAXLEN, e.g. 64x8192") from None
+            results.append((f"decode step ({b} rows, {n} cache slots)", *compile_decode_step(run_cfg, devices, b, n)))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    mem = analyze(compiled, hbm)
-    report(args.topology, len(devices), info, mem)
-    code, message = verdict(mem, args.topology)
-    print(message, file=sys.stderr if code else sys.stdout)
+    code = 0
+    for name, compiled, info in results:
+        print(f"== {name}")
+        mem = analyze(compiled, hbm)
+        report(args.topology, len(devices), info, mem)
+        c, message = verdict(mem, args.topology)
+        print(message, file=sys.stderr if c else sys.stdout)
+        code = max(code, c)
     return code
 
 

@@ -52,6 +52,16 @@ def test_does_not_fit_gives_numbers(tiny_compiled):
     assert "does not fit" in msg and f"{mem['total'] / 2**30:.2f} GiB per device" in msg and "0.00 GiB HBM" in msg
 
 
+def test_decode_step_cache_is_split_and_donated():
+    run_cfg = aot.load_config("tiny", None, TINY)
+    compiled, info = aot.compile_decode_step(run_cfg, aot.topology_devices(TOPO), batch=8, max_len=256)
+    mem = aot.analyze(compiled, aot.hbm_bytes(TOPO, None))
+    # KV cache [L, B, K, S, Hd] split 4 ways (rows over fsdp, kv heads over tensor), params too; the cache is donated.
+    cache, params = info["cache_bytes"] / 4, 4 * info["n_params"] / 4
+    assert 0.95 * (cache + params) < mem["arguments"] < 1.05 * (cache + params) + 2**16, (mem, cache, params)
+    assert mem["aliased"] > 0.9 * cache and mem["fits"]
+
+
 def test_cli_exit_codes(capsys):
     # A bad topology name and an indivisible mesh fail before compiling, with exit 2 and a message.
     assert main(["aot", "tiny", "--topology", "v5p:9x9x9"]) == 2
