@@ -19,7 +19,8 @@ from jaxtx.config import (ConfigError, ModelConfig, coerce, configs_dir, load_mo
                           unknown_key_error)
 
 Objective = Literal["causal", "mlm", "span", "sft", "dpo"]
-Source = Literal["stdlib", "text", "jsonl"]
+Source = Literal["stdlib", "text", "jsonl", "synthetic"]
+Task = Literal["reverse", "copy", "sort"]
 Decay = Literal["cosine", "linear", "constant"]
 
 
@@ -36,6 +37,11 @@ class DataConfig:
     max_chars: int = 0  # read at most this many characters of corpus (0 = all)
     tokenizer: Optional[str] = None  # an existing sentencepiece model; None = train one on the corpus
     tokenizer_train_chars: int = 3_000_000  # characters of corpus the tokenizer is trained on
+    # source=synthetic: digit-string tasks generated from train.seed (zero download; the tiny objective configs)
+    task: Task = "reverse"
+    n_examples: int = 2000
+    min_digits: int = 3
+    max_digits: int = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,14 +189,17 @@ def validate(cfg: RunConfig, model_cfg: ModelConfig) -> None:
         raise ConfigError(f"optim.min_lr_ratio={o.min_lr_ratio}: must be in [0, 1]")
     if not 0 < d.eval_fraction < 1:
         raise ConfigError(f"data.eval_fraction={d.eval_fraction}: must be in (0, 1)")
-    if d.source != "stdlib" and not d.path:
+    if d.source in ("text", "jsonl") and not d.path:
         raise ConfigError(f"data.source={d.source!r} needs data.path (a file or a glob)")
     need = {"causal": "decoder", "sft": "decoder", "dpo": "decoder", "mlm": "encoder", "span": "encoder_decoder"}
     if model_cfg.kind != need[t.objective]:
         raise ConfigError(f"train.objective={t.objective!r} needs a model of kind {need[t.objective]!r}; "
                           f"model.kind={model_cfg.kind!r}")
-    if t.objective in ("sft", "dpo") and d.source != "jsonl":
-        raise ConfigError(f"train.objective={t.objective!r} reads prompt/response records: set data.source=jsonl")
+    if t.objective in ("sft", "dpo") and d.source not in ("jsonl", "synthetic"):
+        raise ConfigError(f"train.objective={t.objective!r} reads prompt/response records: set data.source=jsonl "
+                          "(or synthetic)")
+    if d.source == "synthetic" and not 1 <= d.min_digits <= d.max_digits:
+        raise ConfigError(f"data.min_digits={d.min_digits}, data.max_digits={d.max_digits}: need 1 <= min <= max")
     if t.objective == "mlm" and not model_cfg.mlm_head:
         raise ConfigError("train.objective='mlm' needs model.mlm_head=true")
     if not 0 < t.mlm_prob < 1 or not 0 < t.noise_density < 1 or t.mean_span < 1:

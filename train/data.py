@@ -41,11 +41,34 @@ def _files(path: str) -> list[Path]:
     return files
 
 
+def synthetic_records(d, seed: int) -> list[dict]:
+    """Digit-string tasks: prompt "reverse 38472 =" -> response " 27483"; `rejected` is a wrong answer (for DPO)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(d.n_examples):
+        s = "".join(rng.choice(list("0123456789"), rng.integers(d.min_digits, d.max_digits + 1)))
+        ans = {"reverse": s[::-1], "copy": s, "sort": "".join(sorted(s))}[d.task]
+        wrong = "".join(rng.permutation(list(ans))) if len(set(ans)) > 1 else ans + "0"
+        if wrong == ans:
+            wrong = ans[1:] + ans[0] if ans[1:] + ans[0] != ans else ans + "0"
+        out.append({"prompt": f"{d.task} {s} =", "response": f" {ans}", "rejected": f" {wrong}"})
+    return out
+
+
 def read_documents(cfg: RunConfig) -> list:
     """Strings for causal/mlm/span; dicts with prompt/response(/chosen/rejected) strings for sft/dpo."""
     d, obj = cfg.data, cfg.train.objective
     if d.source == "stdlib":
         docs = [p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files()]
+    elif d.source == "synthetic":
+        recs = synthetic_records(d, cfg.train.seed)
+        if obj == "sft":
+            docs = [{d.prompt_field: r["prompt"], d.response_field: r["response"]} for r in recs]
+        elif obj == "dpo":
+            docs = [{d.prompt_field: r["prompt"], d.chosen_field: r["response"], d.rejected_field: r["rejected"]}
+                    for r in recs]
+        else:
+            docs = [r["prompt"] + r["response"] for r in recs]
     elif d.source == "text":
         docs = [p.read_text(encoding="utf-8", errors="replace") for p in _files(d.path)]
     else:

@@ -38,8 +38,14 @@ class NonFiniteError(RuntimeError):
 
 
 def make_run_mesh(run_cfg: RunConfig):
-    """The one place a training mesh is made: (mesh, rules) from the run's mesh section."""
-    return shd.make_mesh(run_cfg.mesh), shd.rules_for(run_cfg.mesh)
+    """The one place a training mesh is made: (mesh, rules) from the run's mesh section. Fixed sizes (no -1) that
+    need fewer devices than the host has use the first ones (mesh.data=1: a single-device run anywhere)."""
+    m = run_cfg.mesh
+    sizes = [*m.ici, *m.dcn]
+    devices = jax.devices()
+    if -1 not in sizes and math.prod(sizes) < len(devices) and jax.process_count() == 1:
+        devices = devices[:math.prod(sizes)]
+    return shd.make_mesh(m, devices), shd.rules_for(m)
 
 
 def check_batch(run_cfg: RunConfig, mesh, rules) -> None:
@@ -212,7 +218,8 @@ def train(run_cfg: RunConfig, log=print) -> dict:
         jmetrics.plot_losses(run_dir, data.unigram_entropy)
     return {"status": status, "step": step_done, "train_loss": last["loss"], "eval_loss": last["eval_loss"],
             "unigram_entropy": data.unigram_entropy, "wall_s": time.time() - t_start, "samples": samples,
-            "skipped": int(jax.device_get(state["skipped"])), "run_dir": str(run_dir)}
+            "skipped": int(jax.device_get(state["skipped"])), "run_dir": str(run_dir), "params": state["params"],
+            "model": model, "tokenizer": data.tokenizer}
 
 
 def _samples(model, cfg, params, data, run_cfg: RunConfig) -> list[tuple[str, str]]:

@@ -298,11 +298,12 @@ def test_prefill_then_decode_equals_full_forward(preset, kw):
     cfg = small(preset, **kw)
     m, p, ids = setup(cfg, T=11)
     full = m.apply({"params": p}, ids)
+    step = jax.jit(lambda ids, cache: m.apply({"params": p}, ids, cache=cache))
     cache = KVCache.init(cfg, 2, 16)
-    lp, cache = m.apply({"params": p}, ids[:, :6], cache=cache)
+    lp, cache = step(ids[:, :6], cache)
     np.testing.assert_allclose(lp, full[:, :6], atol=1e-4)
     for t in range(6, 11):
-        lt, cache = m.apply({"params": p}, ids[:, t:t + 1], cache=cache)
+        lt, cache = step(ids[:, t:t + 1], cache)
         np.testing.assert_allclose(lt[:, 0], full[:, t], atol=1e-4)
     assert list(np.asarray(cache.lengths)) == [11, 11]
     if cfg.window:
@@ -327,11 +328,12 @@ def test_t5_decode_with_cache_equals_full():
     full = m.apply({"params": p}, ids, decoder_input_ids=dec)
     enc = m.apply({"params": p}, ids, method="encode")
     cache = KVCache.init(cfg, 2, 8)
-    l0, cache = m.apply({"params": p}, dec[:, :3], enc, cache=cache, method="decode")
+    step = jax.jit(lambda ids, cache: m.apply({"params": p}, ids, enc, cache=cache, method="decode"))
+    l0, cache = step(dec[:, :3], cache)
     np.testing.assert_allclose(l0, full[:, :3], atol=1e-4)
     assert cache.cross_k is not None
     for t in range(3, 7):
-        lt, cache = m.apply({"params": p}, dec[:, t:t + 1], enc, cache=cache, method="decode")
+        lt, cache = step(dec[:, t:t + 1], cache)
         np.testing.assert_allclose(lt[:, 0], full[:, t], atol=1e-4)
 
 

@@ -17,7 +17,7 @@ ONE_DEVICE = ["mesh.data=1"]  # tests run with 8 fake CPU devices; most train te
 
 
 def run_cfg(extra, model=TINY_MODEL, path=None):
-    return load_run_config(path, [*model, *ONE_DEVICE, *extra])
+    return load_run_config(path, [*model, *ONE_DEVICE, "train.seq_len=64", *extra])
 
 
 ROOT = Path(__file__).resolve().parents[2]
