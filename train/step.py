@@ -42,6 +42,20 @@ def batch_shapes(cfg: ModelConfig, run_cfg: RunConfig, batch_size: int | None = 
     return {k: (B, T) for k in keys}
 
 
+def init_call(cfg: ModelConfig) -> tuple[tuple, dict]:
+    """(args, kwargs) for model.init: BERT's MLM head is created only by the masked_lm method, so init through it."""
+    if cfg.kind == "encoder" and cfg.mlm_head:
+        return jmodel.dummy_inputs(cfg), {"method": "masked_lm"}
+    return jmodel.dummy_inputs(cfg), {}
+
+
+def init_params(model, cfg: ModelConfig, rng) -> dict:
+    """Unsharded params (tests, tools): the same tree the train state holds."""
+    import flax.linen as nn
+    args, kw = init_call(cfg)
+    return nn.unbox(model.init(rng, *args, **kw))["params"]
+
+
 def abstract_batch(cfg: ModelConfig, run_cfg: RunConfig, mesh=None, rules=None) -> dict:
     sh = shd.batch_sharding(mesh, rules) if mesh is not None else None
     return {k: jax.ShapeDtypeStruct(s, jnp.int32, sharding=sh) for k, s in batch_shapes(cfg, run_cfg).items()}
@@ -49,7 +63,8 @@ def abstract_batch(cfg: ModelConfig, run_cfg: RunConfig, mesh=None, rules=None) 
 
 def state_shardings(model, cfg: ModelConfig, run_cfg: RunConfig, optimizer, mesh, rules) -> tuple[dict, dict]:
     """(abstract state whose ShapeDtypeStructs carry shardings, sharding tree) — nothing is allocated."""
-    abs_params, p_sh = shd.param_shardings(model, mesh, rules, *jmodel.dummy_inputs(cfg))
+    args, kw = init_call(cfg)
+    abs_params, p_sh = shd.param_shardings(model, mesh, rules, *args, **kw)
     o_sh = shd.opt_state_shardings(optimizer, abs_params, p_sh)
     abs_opt = jax.eval_shape(optimizer.init, abs_params)
     abs_opt = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_opt, o_sh)
@@ -72,7 +87,8 @@ def init_train_state(model, cfg: ModelConfig, run_cfg: RunConfig, optimizer, mes
     """Params initialized directly in their shards (or given, e.g. from train.init_from), optimizer state likewise."""
     _, sh = state_shardings(model, cfg, run_cfg, optimizer, mesh, rules)
     if params is None:
-        params = shd.init_sharded(model, rng, mesh, rules, *jmodel.dummy_inputs(cfg))
+        args, kw = init_call(cfg)
+        params = shd.init_sharded(model, rng, mesh, rules, *args, **kw)
     else:
         params = jax.device_put(params, sh["params"])
     state = {"step": jax.device_put(jnp.zeros((), jnp.int32), sh["step"]),

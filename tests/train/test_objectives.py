@@ -10,7 +10,7 @@ from jaxtx import model as M
 from jaxtx.train import packing
 from jaxtx.train.objectives import causal_weights, make_objective, mlm_corrupt, token_nll
 from jaxtx.train.optim import make_optimizer
-from jaxtx.train.step import make_train_step
+from jaxtx.train.step import init_params, make_train_step
 from jaxtx.train.tokenizer import EOS
 
 RNG = jax.random.key(0)
@@ -22,7 +22,7 @@ def _setup(objective, extra=(), model=None):
                   **kw)
     mc = cfg.model_config()
     m = M.build(mc)
-    return cfg, mc, m, M.init_params(m, jax.random.key(1))
+    return cfg, mc, m, init_params(m, mc, jax.random.key(1))
 
 
 def test_causal_packed_loss_equals_sum_of_documents_alone():
