@@ -99,6 +99,18 @@ def topology_devices(topology: str, num_slices: int = 1):
     return list(topo.devices)
 
 
+def _compile(lowered):
+    """Compile without the persistent compilation cache: a TPU executable cannot be loaded back on this host (jax
+    warns on every read), so caching it only costs disk."""
+    import jax
+    prev = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        return lowered.compile()
+    finally:
+        jax.config.update("jax_enable_compilation_cache", prev)
+
+
 def compile_train_step(run_cfg, devices):
     """Lower and compile the train step for `devices`. Returns (compiled, info dict)."""
     import jax
@@ -122,7 +134,7 @@ def compile_train_step(run_cfg, devices):
         t0 = time.perf_counter()
         lowered = step.lower(state, batch)
         t1 = time.perf_counter()
-        compiled = lowered.compile()
+        compiled = _compile(lowered)
         t2 = time.perf_counter()
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     replicated = shd.check_replicated(state["params"], threshold_bytes=64 * 2**20)
@@ -172,7 +184,7 @@ def compile_decode_step(run_cfg, devices, batch: int, max_len: int):
         t0 = time.perf_counter()
         lowered = fn.lower(params, cache, ids, ids)
         t1 = time.perf_counter()
-        compiled = lowered.compile()
+        compiled = _compile(lowered)
         t2 = time.perf_counter()
     n_params = sum(x.size for x in jax.tree.leaves(params))
     return compiled, {"lower_s": t1 - t0, "compile_s": t2 - t1, "mesh": dict(mesh.shape), "n_params": n_params,
