@@ -67,9 +67,9 @@ def test_bias_and_its_gradient(bias_shape):
     def loss(fn, q, k, v, b):
         return jnp.sum(fn(q, k, v, bias=b, causal=True, softmax_scale=1.0) * ct)
 
-    got = jax.grad(lambda *a: loss(lambda *x, **y: blockwise_attention(*x, block_sizes=BS, **y), *a),
-                   argnums=(0, 1, 2, 3))(q, k, v, bias)
-    want = jax.grad(lambda *a: loss(attention_reference, *a), argnums=(0, 1, 2, 3))(q, k, v, bias)
+    got = jax.jit(jax.grad(lambda *a: loss(lambda *x, **y: blockwise_attention(*x, block_sizes=BS, **y), *a),
+                           argnums=(0, 1, 2, 3)))(q, k, v, bias)
+    want = jax.jit(jax.grad(lambda *a: loss(attention_reference, *a), argnums=(0, 1, 2, 3)))(q, k, v, bias)
     for name, g, w in zip(("dq", "dk", "dv", "dbias"), got, want):
         assert g.shape == w.shape, name
         np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4, err_msg=name)
@@ -84,9 +84,9 @@ def test_fully_masked_rows_are_zero_with_zero_finite_grads():
     kw = dict(segment_ids=seg, kv_segment_ids=kv_seg, causal=True)
     for backend in ("xla", "blockwise"):
         f = lambda q_, k_, v_: attention(q_, k_, v_, backend=backend, block_sizes=BS, **kw)  # noqa: E731
-        o = f(q, k, v)
+        o = jax.jit(f)(q, k, v)
         np.testing.assert_array_equal(np.asarray(o[:, 16:]), 0.0)
-        dq = jax.grad(lambda q_: jnp.sum(f(q_, k, v) ** 2 + f(q_, k, v)))(q)
+        dq = jax.jit(jax.grad(lambda q_: jnp.sum(f(q_, k, v) ** 2 + f(q_, k, v))))(q)
         assert np.isfinite(np.asarray(dq)).all()
         np.testing.assert_array_equal(np.asarray(dq[:, 16:]), 0.0)
         assert float(jnp.abs(dq[:, :16]).max()) > 0
@@ -106,7 +106,7 @@ def test_masked_blocks_are_skipped_not_discarded(kind):
     poisoned_from = 48 if kind == "causal" else 32
     v_bad = v.at[:, poisoned_from:].set(jnp.nan)
     k_bad = k.at[:, poisoned_from:].set(jnp.nan)
-    got = blockwise_attention(q, k_bad, v_bad, block_sizes=BS, **kw)[:, rows]
+    got = jax.jit(lambda *a: blockwise_attention(*a, block_sizes=BS, **kw))(q, k_bad, v_bad)[:, rows]
     want = attention_reference(q, k, v, **kw)[:, rows]
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
 

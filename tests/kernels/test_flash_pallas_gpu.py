@@ -57,7 +57,7 @@ def test_masked_blocks_are_skipped_not_discarded():
     q, k, v = make_qkv(fresh_key(), B, T, S, H, K, Hd)
     seg = jnp.concatenate([jnp.ones((B, 32), jnp.int32), jnp.full((B, 32), 2, jnp.int32)], 1)
     kw = dict(segment_ids=seg, causal=True)
-    got = _gpu(**kw)(q, k.at[:, 32:].set(jnp.nan), v.at[:, 32:].set(jnp.nan))[:, :32]
+    got = jax.jit(_gpu(**kw))(q, k.at[:, 32:].set(jnp.nan), v.at[:, 32:].set(jnp.nan))[:, :32]
     np.testing.assert_allclose(np.asarray(got), np.asarray(attention_reference(q, k, v, **kw)[:, :32]), atol=1e-5)
 
 
@@ -67,9 +67,9 @@ def test_fully_masked_rows_zero_and_dispatch_by_name():
     kv_pad = jnp.zeros((B, S), jnp.int32).at[:, :5].set(1)
     kw = dict(kv_segment_ids=kv_pad, window=4, causal=True)  # rows >= 8 see no unpadded key inside the window
     f = lambda q_: attention(q_, k, v, backend="pallas_gpu", interpret=True, block_sizes=BS, **kw)  # noqa: E731
-    o = f(q)
+    o = jax.jit(f)(q)
     np.testing.assert_array_equal(np.asarray(o[:, 8:]), 0.0)
-    dq = jax.grad(lambda q_: jnp.sum(f(q_) ** 2 + f(q_)))(q)
+    dq = jax.jit(jax.grad(lambda q_: jnp.sum(f(q_) ** 2 + f(q_))))(q)
     assert np.isfinite(np.asarray(dq)).all()
     np.testing.assert_array_equal(np.asarray(dq[:, 8:]), 0.0)
     # flash_attention(backend="auto", interpret=True) on CPU is this kernel too
