@@ -208,10 +208,10 @@ def train_iterator(rows, cfg: RunConfig, batch_size: int, span_fn=None, shard=(0
     return iter(ds.batch(batch_size, drop_remainder=True).to_iter_dataset())
 
 
-def eval_batches(rows, cfg: RunConfig, batch_size: int, span_fn=None) -> list[dict]:
+def eval_batches(rows, cfg: RunConfig, batch_size: int, span_fn=None, shard=(0, 1)) -> list[dict]:
     """The same fixed eval batches every time: the first rows in order (cycled if the eval set is small)."""
-    n = len(next(iter(rows.values())))
-    src = _Rows(rows)
+    src = _Rows(rows, shard)
+    n = len(src)
     ds = grain.MapDataset.source(src).repeat()
     if span_fn is not None:
         ds = ds.random_map(span_fn, seed=12345)

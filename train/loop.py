@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import yaml
 
@@ -28,7 +27,7 @@ from jaxtx.train.objectives import make_objective
 from jaxtx.train.optim import make_optimizer
 from jaxtx.train.sample import greedy_generate
 from jaxtx.train.step import init_train_state, make_eval_step, make_train_step, state_shardings
-from jaxtx.train.tokenizer import BOS, EOS
+from jaxtx.train.tokenizer import EOS
 
 STDLIB_PROMPTS = ["import ", "def ", "class ", "    def __init__(self"]
 
@@ -138,7 +137,7 @@ def train(run_cfg: RunConfig, log=print) -> dict:
     step_fn = make_train_step(model, cfg, run_cfg, optimizer, objective=objective, mesh=mesh, rules=rules,
                               shardings=shardings)
     eval_fn = make_eval_step(model, cfg, run_cfg, objective=objective)
-    evals = jdata.eval_batches(data.eval_rows, run_cfg, t.batch_size, data.span_fn)
+    evals = jdata.eval_batches(data.eval_rows, run_cfg, t.batch_size // n_proc, data.span_fn, shard=(proc, n_proc))
     b_sh = shd.batch_sharding(mesh, rules)
     to_device = lambda b: {k: jax.make_array_from_process_local_data(b_sh, np.asarray(v)) for k, v in b.items()}  # noqa
 
@@ -250,5 +249,3 @@ def _samples(model, cfg, params, data, run_cfg: RunConfig) -> list[tuple[str, st
     outs = greedy_generate(model, params, prompts, n_new, eos_id=EOS)
     return [(tok.decode(p), tok.decode(o)) for p, o in zip(prompts, outs)]
 
-
-del BOS, jnp  # imported for readers of the sample format; unused

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from jaxtx.config import ModelConfig
 from jaxtx.train.config import TrainConfig
+from jaxtx.train.tokenizer import MASK_ID
 
 N_SPECIAL = 4  # PAD, UNK, BOS, EOS: never chosen for masking, never drawn as random replacements
 
@@ -68,8 +69,9 @@ def _apply(model, params, *args, rng, train: bool, **kw):
     return out, moe_aux_loss(state.get("intermediates", {}), model.cfg)
 
 
-def make_objective(model, cfg: ModelConfig, t: TrainConfig, *, mask_id: int = 4, tok_vocab: int | None = None):
-    """The Objective for t.objective. mask_id / tok_vocab: the tokenizer's <mask> id and size (BERT masking)."""
+def make_objective(model, cfg: ModelConfig, t: TrainConfig, *, mask_id: int = MASK_ID, tok_vocab: int | None = None):
+    """The Objective for t.objective. mask_id / tok_vocab: the tokenizer's <mask> id and size (BERT masking); the
+    defaults match tokenizers trained by jaxtx.train.tokenizer."""
     vocab = tok_vocab or cfg.vocab_size
 
     def causal(params, batch, rng, train, ref_params=None, mask_key=None):

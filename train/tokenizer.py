@@ -19,6 +19,7 @@ from jaxtx.config import ConfigError
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 N_SENTINELS = 100  # T5 span corruption sentinels <extra_id_0..99>, kept at the top of the vocabulary
 MASK_PIECE = "<mask>"
+MASK_ID = 5  # after the 4 specials and "\n" (user_defined_symbols keep their order)
 
 
 class Tokenizer:
@@ -26,7 +27,7 @@ class Tokenizer:
         self.proto = proto
         self.sp = spm.SentencePieceProcessor(model_proto=proto)
         self.vocab_size = self.sp.get_piece_size()
-        self.mask_id = self.sp.piece_to_id(MASK_PIECE)
+        self.mask_id = self.sp.piece_to_id(MASK_PIECE)  # MASK_ID for our tokenizers; looked up for external ones
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)

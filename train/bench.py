@@ -1,0 +1,131 @@
+"""`jaxtx bench train CONFIG [key=value ...] [--steps N] [--baseline torch]`: step time, tokens/s and MFU of the
+jitted train step on random tokens (no data pipeline), optionally against the same Llama architecture, batch and
+optimizer in HF transformers / PyTorch, run in the same process so both see the same (noisy, shared) machine."""
+from __future__ import annotations
+
+import statistics
+import time
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="benchmark the train step (tokens/s, MFU), optionally vs PyTorch",
+                              description=__doc__)
+    p.add_argument("config", help="run config (YAML path or name), e.g. configs/runs/bench125m.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.batch_size=8 train.seq_len=256")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warmup steps)")
+    p.add_argument("--baseline", choices=["torch"], default=None, help="also time LlamaForCausalLM in PyTorch")
+    p.set_defaults(func=run)
+
+
+def bench_jax(run_cfg, steps: int) -> dict:
+    import jax
+    import numpy as np
+
+    from jaxtx import model as jmodel
+    from jaxtx import sharding as shd
+    from jaxtx.train import metrics
+    from jaxtx.train.loop import make_run_mesh, resolve_model_config
+    from jaxtx.train.optim import make_optimizer
+    from jaxtx.train.step import batch_shapes, init_train_state, make_train_step
+    cfg = resolve_model_config(run_cfg)
+    t = run_cfg.train
+    model = jmodel.build(cfg)
+    opt = make_optimizer(run_cfg.optim, max(t.steps, steps + 2))
+    mesh, rules = make_run_mesh(run_cfg)
+    state = init_train_state(model, cfg, run_cfg, opt, mesh, rules, jax.random.key(0))
+    step = make_train_step(model, cfg, run_cfg, opt, mesh=mesh, rules=rules)
+    rng = np.random.default_rng(0)
+    sh = shd.batch_sharding(mesh, rules)
+    batch = {k: jax.device_put(rng.integers(4, cfg.vocab_size, s).astype(np.int32) if "mask" not in k and
+                               "segment" not in k else np.ones(s, np.int32), sh)
+             for k, s in batch_shapes(cfg, run_cfg).items()}
+    times = []
+    with shd.use_mesh(mesh, rules):
+        t0 = time.perf_counter()
+        state, m = step(state, batch)
+        jax.block_until_ready(m)
+        compile_s = time.perf_counter() - t0
+        for i in range(steps + 1):
+            t0 = time.perf_counter()
+            state, m = step(state, batch)
+            jax.block_until_ready(m)
+            if i:  # one more warmup
+                times.append(time.perf_counter() - t0)
+    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    tokens = t.batch_size * t.seq_len
+    med = statistics.median(times)
+    peak = metrics.total_peak_flops(mesh.devices.flat)
+    fpt = metrics.train_flops_per_token(cfg, t.seq_len)
+    return {"system": f"jaxtx ({jax.default_backend()}, {cfg.dtype})", "step_s": med, "tokens_per_s": tokens / med,
+            "mfu": tokens / med * fpt / peak, "compile_s": compile_s, "params": n_params, "peak": peak,
+            "flops_per_token": fpt, "loss": float(m["loss"])}
+
+
+def bench_torch(run_cfg, steps: int, peak: float, flops_per_token: float) -> dict:
+    """The same architecture in HF transformers (LlamaForCausalLM), AdamW and clipping, float32, all CPU threads."""
+    import os
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg, t = run_cfg.model_config(), run_cfg.train
+    if cfg.kind != "decoder" or cfg.position != "rope" or cfg.norm != "rmsnorm" or not cfg.gated:
+        raise SystemExit("--baseline torch compares Llama-style decoders (rope, rmsnorm, gated silu)")
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
+    hf = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+                     num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                     num_key_value_heads=cfg.kv_heads, head_dim=cfg.hd, max_position_embeddings=cfg.max_seq_len,
+                     rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings,
+                     attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias, attn_implementation="sdpa")
+    model = LlamaForCausalLM(hf).train()
+    o = run_cfg.optim
+    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay)
+    ids = torch.randint(4, cfg.vocab_size, (t.batch_size, t.seq_len))
+    times = []
+    for i in range(steps + 2):
+        t0 = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_norm or 1e9)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    tokens = t.batch_size * t.seq_len
+    med = statistics.median(times)
+    return {"system": f"torch {torch.__version__} + transformers (cpu, float32)", "step_s": med,
+            "tokens_per_s": tokens / med, "mfu": tokens / med * flops_per_token / peak, "compile_s": 0.0,
+            "params": sum(p.numel() for p in model.parameters()), "loss": float(loss)}
+
+
+def run(args) -> int:
+    import sys
+
+    from jaxtx.config import ConfigError
+    from jaxtx.train.cli import setup_jax_cache
+    from jaxtx.train.config import load_run_config
+    try:
+        run_cfg = load_run_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    setup_jax_cache()
+    t = run_cfg.train
+    rows = [bench_jax(run_cfg, args.steps)]
+    if args.baseline == "torch":
+        try:
+            rows.append(bench_torch(run_cfg, args.steps, rows[0]["peak"], rows[0]["flops_per_token"]))
+        except ImportError as e:
+            print(f"--baseline torch needs torch and transformers ({e})", file=sys.stderr)
+            return 2
+    j = rows[0]
+    print(f"{run_cfg.model_preset} + overrides: {j['params'] / 1e6:.1f}M params, batch {t.batch_size} x {t.seq_len}, "
+          f"{j['flops_per_token'] / 1e6:.0f} MFLOP/token (train), peak {j['peak'] / 1e9:.0f} GFLOP/s "
+          f"({'measured f32 matmul' if 'cpu' in j['system'] else 'chip table'}); median of {args.steps} steps")
+    print(f"{'system':<44} {'step ms':>9} {'tokens/s':>10} {'MFU':>6} {'compile s':>9}")
+    for r in rows:
+        print(f"{r['system']:<44} {r['step_s'] * 1e3:>9.1f} {r['tokens_per_s']:>10.0f} {r['mfu']:>6.1%} "
+              f"{r['compile_s']:>9.1f}")
+    if len(rows) == 2:
+        print(f"jaxtx / torch tokens/s: {rows[0]['tokens_per_s'] / rows[1]['tokens_per_s']:.2f}x")
+    return 0
