@@ -49,10 +49,12 @@ def cudnn_unsupported_reason(q, k, *, causal=False, window=None, segment_ids=Non
     return None
 
 
-def _cudnn(q, k, v, *, causal, window, softmax_scale):
+def cudnn_attention(q, k, v, *, causal, window, softmax_scale, implementation="cudnn"):
+    """jax.nn.dot_product_attention with jaxtx's window convention (i - W < j <= i  <=>  local window (W - 1, 0)).
+    implementation="xla" runs the same mapping on any platform (tests check it against the reference)."""
     return jax.nn.dot_product_attention(q, k, v, scale=softmax_scale, is_causal=causal,
                                         local_window_size=None if window is None else (window - 1, 0),
-                                        implementation="cudnn")
+                                        implementation=implementation)
 
 
 def select_backend(q, k, *, bias=None, platform=None, **kw):
@@ -95,7 +97,7 @@ def attention(q, k, v, *, causal=False, window=None, segment_ids=None, kv_segmen
         reason = cudnn_unsupported_reason(q, k, bias=bias, **mask_kw)
         if reason is not None:
             raise ValueError(f"attention: backend='cudnn' cannot run these arguments: {reason}")
-        return _cudnn(q, k, v, causal=causal, window=window, softmax_scale=softmax_scale)
+        return cudnn_attention(q, k, v, causal=causal, window=window, softmax_scale=softmax_scale)
     if backend == "pallas_gpu":
         from jaxtx.kernels.flash_attention.gpu import flash_attention_gpu
         return flash_attention_gpu(q, k, v, softmax_scale=softmax_scale, block_sizes=block_sizes,

@@ -145,3 +145,24 @@ def test_dispatcher_rules():
     # auto with bias on CPU runs and equals the reference
     np.testing.assert_allclose(attention(q, k, v, bias=bias, causal=True),
                                attention_reference(q, k, v, bias=bias, causal=True), atol=1e-6)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_cudnn_argument_mapping_matches_reference(window):
+    """The cuDNN call's argument mapping (causal, window -> local_window_size, scale), run with XLA's implementation
+    of the same jax.nn.dot_product_attention API, equals the reference (no GPU needed)."""
+    from jaxtx.kernels.dispatch import cudnn_attention
+
+    q, k, v = make_qkv(fresh_key(), 2, 24, 24, 4, 2, 16)
+    got = cudnn_attention(q, k, v, causal=True, window=window, softmax_scale=0.3, implementation="xla")
+    want = attention_reference(q, k, v, causal=True, window=window, softmax_scale=0.3)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_default_block_sizes_multi_block():
+    """The production defaults (512 x 512 tiles) with T > one block and not a multiple of it, through `attention`."""
+    B, T, S, H, K, Hd = 1, 600, 600, 2, 1, 16
+    key = fresh_key()
+    q, k, v = make_qkv(key, B, T, S, H, K, Hd)
+    kw = mask_kwargs("segments_causal", key, B, T, S, H)
+    check_against_reference(lambda q_, k_, v_: attention(q_, k_, v_, backend="blockwise", **kw), q, k, v, kw)

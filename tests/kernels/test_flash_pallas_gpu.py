@@ -80,3 +80,16 @@ def test_rejects_non_power_of_two_blocks():
     q, k, v = make_qkv(fresh_key(), 1, 8, 8, 2, 1, 16)
     with pytest.raises(ValueError, match="power of two"):
         flash_attention_gpu(q, k, v, block_sizes=BlockSizes(24, 16), interpret=True)
+
+
+def test_default_blocks_against_float64_numpy():
+    """Default GPU tiles (64 fwd / 32 bwd) with T = 100; forward checked against an independent float64 numpy."""
+    from kernels_testutil import numpy_attention_f64
+
+    B, T, S, H, K, Hd = 1, 100, 100, 2, 1, 16
+    key = fresh_key()
+    q, k, v = make_qkv(key, B, T, S, H, K, Hd)
+    kw = dict(causal=True, window=40, alibi_slopes=jnp.array([0.1, 0.3]))
+    got = jax.jit(lambda *a: flash_attention_gpu(*a, interpret=True, **kw))(q, k, v)
+    np.testing.assert_allclose(np.asarray(got), numpy_attention_f64(q, k, v, **kw), atol=2e-5, rtol=2e-5)
+    check_against_reference(lambda q_, k_, v_: flash_attention_gpu(q_, k_, v_, interpret=True, **kw), q, k, v, kw)
