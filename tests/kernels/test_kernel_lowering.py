@@ -35,6 +35,15 @@ def test_gpu_flash_fwd_and_bwd_lower_to_triton(case):
     assert bwd.count("__gpu$xla.gpu.triton") == 3
 
 
+@pytest.fixture
+def no_persistent_cache():
+    """TPU executables compiled on this CPU host cannot be loaded back from the persistent cache (jax warns)."""
+    prev = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    yield
+    jax.config.update("jax_enable_compilation_cache", prev)
+
+
 def _tpu_topology_mesh():
     if importlib.util.find_spec("libtpu") is None:
         pytest.skip("libtpu is not installed: the Mosaic AOT compile needs it (pip install libtpu==0.0.42.1)")
@@ -49,7 +58,7 @@ def _tpu_topology_mesh():
     return jax.sharding.Mesh(np.array(topo.devices).reshape(4), ("data",))
 
 
-def test_tpu_flash_fwd_bwd_aot_compile_v5e():
+def test_tpu_flash_fwd_bwd_aot_compile_v5e(no_persistent_cache):
     """Mosaic kernels compile for a v5e:2x2 topology inside shard_map (batch-sharded), forward and backward."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -90,7 +99,7 @@ def test_paged_attention_gpu_lowers_to_triton():
     assert "jaxtx_paged_attention" in txt and "__gpu$xla.gpu.triton" in txt
 
 
-def test_paged_attention_tpu_aot_compile_v5e():
+def test_paged_attention_tpu_aot_compile_v5e(no_persistent_cache):
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from jaxtx.kernels import paged_attention
