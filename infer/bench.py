@@ -27,6 +27,11 @@ def register(bench_subparsers) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--int8-kv", action="store_true", help="int8 KV cache")
     p.add_argument("--baseline", choices=["none", "torch"], default="none")
+    p.add_argument("--speculative", type=int, default=0, metavar="K",
+                   help="also time speculative greedy decoding at batch 1 with K drafted tokens per round")
+    p.add_argument("--draft-layers", type=int, default=2,
+                   help="the draft for --speculative: the target's first N layers with its embeddings and head "
+                        "(self-speculation; no second checkpoint needed)")
     p.set_defaults(func=run)
 
 
@@ -126,6 +131,36 @@ def _torch_runner(cfg, B, T, N):
     return ttft, gen
 
 
+def truncated_draft(model, params, n_layers):
+    """(draft model, params): the first n_layers of the target, sharing its embeddings, final norm and head."""
+    import jax
+
+    from jaxtx import model as M
+    cfg = model.cfg
+    if not cfg.scan_layers:
+        raise ValueError("--speculative: the self-speculation draft needs a scan_layers model")
+    dparams = dict(params, layers=jax.tree.map(lambda a: a[:n_layers], params["layers"]))
+    return M.build(cfg.replace(n_layers=n_layers)), dparams
+
+
+def bench_speculative(model, params, T, N, k, n_layers, repeats):
+    """Greedy target-only vs speculative at batch 1: (t_target, t_spec, acceptance, tokens per target pass)."""
+    import numpy as np
+
+    from jaxtx.infer import generate
+    from jaxtx.infer.speculative import speculative_generate
+    draft, dparams = truncated_draft(model, params, n_layers)
+    prompt = [np.random.default_rng(2).integers(3, model.cfg.vocab_size, T).tolist()]
+    ref = generate(model, params, prompt, max_new_tokens=N)
+    res = speculative_generate(model, params, draft, dparams, prompt, max_new_tokens=N, k=k)
+    if res.tokens != ref.tokens:
+        raise AssertionError("speculative greedy output differs from target greedy output")
+    t_ref = _median_time(lambda: generate(model, params, prompt, max_new_tokens=N), repeats)
+    t_spec = _median_time(lambda: speculative_generate(model, params, draft, dparams, prompt, max_new_tokens=N, k=k),
+                          repeats)
+    return t_ref, t_spec, res.acceptance_rate, res.tokens_per_round
+
+
 def _llama_style(cfg) -> bool:
     return (cfg.kind == "decoder" and cfg.position == "rope" and cfg.rope_scaling == "none" and cfg.norm == "rmsnorm"
             and cfg.activation == "silu" and cfg.gated and not cfg.is_moe and cfg.window is None
@@ -184,4 +219,10 @@ def run(args) -> int:
             print(f"{'torch':<8}{B:>6}{tttft * 1e3:>10.1f}{B / tstep:>14.1f}{tstep * 1e3:>9.2f}"
                   f"{(w_bytes + kv_bytes) / bw / tstep:>9.0%}   jaxtx/torch decode {tstep / step:.2f}x, "
                   f"TTFT {tttft / ttft:.2f}x")
+    if args.speculative:
+        t_ref, t_spec, acc, per = bench_speculative(model, params, T, N, args.speculative, args.draft_layers,
+                                                    args.repeats)
+        print(f"speculative (batch 1, k={args.speculative}, draft = first {args.draft_layers} of {cfg.n_layers} "
+              f"layers): acceptance {acc:.1%}, {per:.2f} tokens per target pass, {N / t_spec:.1f} tok/s vs "
+              f"{N / t_ref:.1f} target-only: speedup {t_ref / t_spec:.2f}x (tokens identical to target greedy)")
     return 0
