@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jaxtx.cache import KVCache, cache_context, with_layers
 from jaxtx.config import ModelConfig
 from jaxtx.layers.block import make_layers, run_layers
-from jaxtx.layers.common import Norm, constrain, dropout, dtype_of, param
+from jaxtx.layers.common import Dense, Norm, activation, constrain, dropout, dtype_of, param
 from jaxtx.layers.positions import alibi_slopes, rope_cos_sin, sinusoidal, t5_bucket
 
 
@@ -165,7 +165,7 @@ class EncoderModel(nn.Module):
         if cfg.final_norm:
             self.final_norm = Norm(cfg)
         if cfg.pooler:
-            self.pooler = _Dense(cfg, cfg.d_model, ("embed", "embed_out"))
+            self.pooler = Dense(cfg, (cfg.d_model, cfg.d_model), ("embed", "embed_out"), use_bias=True)
         if cfg.mlm_head:
             self.mlm = MlmHead(cfg)
 
@@ -214,27 +214,14 @@ class EncoderModel(nn.Module):
         return jnp.tanh(self.pooler(h[:, 0]))
 
 
-class _Dense(nn.Module):
-    cfg: ModelConfig
-    n_out: int
-    axes: tuple
-
-    @nn.compact
-    def __call__(self, x):
-        dt = dtype_of(self.cfg.dtype)
-        w = param(self, "kernel", (x.shape[-1], self.n_out), self.axes, self.cfg)
-        b = param(self, "bias", (self.n_out,), self.axes[1:], self.cfg, nn.initializers.zeros)
-        return jnp.einsum("...i,io->...o", x.astype(dt), w.astype(dt)) + b.astype(dt)
-
-
 class MlmHead(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, h_BTD, embed: Embed):
-        from jaxtx.layers.common import activation
         cfg = self.cfg
-        h = activation(cfg.activation)(_Dense(cfg, cfg.d_model, ("embed", "embed_out"), name="transform")(h_BTD))
+        D = cfg.d_model
+        h = activation(cfg.activation)(Dense(cfg, (D, D), ("embed", "embed_out"), use_bias=True, name="transform")(h_BTD))
         h = Norm(cfg, name="norm")(h)
         bias = param(self, "bias", (cfg.vocab_size,), ("vocab",), cfg, nn.initializers.zeros)
         return (embed.attend(h) + bias.astype(h.dtype)).astype(jnp.float32)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from jaxtx import kernels
 from jaxtx.config import ModelConfig
-from jaxtx.layers.common import constrain, dtype_of, param
+from jaxtx.layers.common import Dense, constrain, dtype_of
 from jaxtx.layers.positions import apply_rope
 
 
@@ -43,7 +43,8 @@ class Attention(nn.Module):
         H, K = cfg.n_heads, cfg.kv_heads
 
         def proj(name, inp, n, axes):
-            return Dense3(cfg, n, axes, cfg.qkv_bias, name=name)(inp)
+            return Dense(cfg, (cfg.d_model, n, cfg.hd), ("embed",) + axes, "BTD,DNh->BTNh", 1, cfg.qkv_bias,
+                         name=name)(inp)
 
         q = proj("q", x_BTD, H, ("heads", "head_dim"))
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
@@ -74,7 +75,9 @@ class Attention(nn.Module):
                                       softmax_scale=cfg.softmax_scale, backend=cfg.attention_backend)
             else:
                 o, new_cache = self._cached(q, k, v, ctx, cache)
-        return OutProj(cfg, name="o")(o), new_cache
+        out = Dense(cfg, (H, cfg.hd, cfg.d_model), ("heads", "head_dim", "embed"), "BTHh,HhD->BTD", 2, cfg.out_bias,
+                    name="o")(o)
+        return out, new_cache
 
     def _cached(self, q, k_BTKh, v_BTKh, ctx, cache):
         cfg = self.cfg
@@ -108,38 +111,3 @@ class Attention(nn.Module):
             o = kernels.decode_attention(q, updated["k"], updated["v"], kv_positions=ctx["kv_pos_new"],
                                          k_scale=updated.get("k_scale"), v_scale=updated.get("v_scale"), **kw)
         return o, updated
-
-
-class Dense3(nn.Module):
-    """x [B, T, D] -> [B, T, N, Hd] with kernel [D, N, Hd] (and bias [N, Hd])."""
-
-    cfg: ModelConfig
-    n: int
-    axes: tuple
-    use_bias: bool
-
-    @nn.compact
-    def __call__(self, x):
-        cfg = self.cfg
-        dt = dtype_of(cfg.dtype)
-        w = param(self, "kernel", (cfg.d_model, self.n, cfg.hd), ("embed",) + self.axes, cfg)
-        y = jnp.einsum("BTD,DNh->BTNh", x.astype(dt), w.astype(dt))
-        if self.use_bias:
-            y = y + param(self, "bias", (self.n, cfg.hd), self.axes, cfg, nn.initializers.zeros).astype(dt)
-        return y
-
-
-class OutProj(nn.Module):
-    """o [B, T, H, Hd] -> [B, T, D] with kernel [H, Hd, D] (and bias [D])."""
-
-    cfg: ModelConfig
-
-    @nn.compact
-    def __call__(self, o):
-        cfg = self.cfg
-        dt = dtype_of(cfg.dtype)
-        w = param(self, "kernel", (cfg.n_heads, cfg.hd, cfg.d_model), ("heads", "head_dim", "embed"), cfg)
-        out = jnp.einsum("BTHh,HhD->BTD", o.astype(dt), w.astype(dt))
-        if cfg.out_bias:
-            out = out + param(self, "bias", (cfg.d_model,), ("embed",), cfg, nn.initializers.zeros).astype(dt)
-        return out

@@ -28,6 +28,31 @@ def constrain(x, axes):
     return nn.with_logical_constraint(x, axes)
 
 
+class Dense(nn.Module):
+    """y = einsum(eq, x, kernel) (+ bias over the kernel's output dims), in the compute dtype.
+
+    The kernel's first `n_in` dims contract with x; e.g. q: "BTD,DNh->BTNh" with kernel [D, N, Hd] (n_in=1), out:
+    "BTHh,HhD->BTD" with kernel [H, Hd, D] (n_in=2), plain: "...i,io->...o".
+    """
+
+    cfg: ModelConfig
+    shape: tuple
+    axes: tuple
+    eq: str = "...i,io->...o"
+    n_in: int = 1
+    use_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        dt = dtype_of(self.cfg.dtype)
+        w = param(self, "kernel", self.shape, self.axes, self.cfg)
+        y = jnp.einsum(self.eq, x.astype(dt), w.astype(dt))
+        if self.use_bias:
+            b = param(self, "bias", self.shape[self.n_in:], self.axes[self.n_in:], self.cfg, nn.initializers.zeros)
+            y = y + b.astype(dt)
+        return y
+
+
 class Norm(nn.Module):
     """RMSNorm (scale only) or LayerNorm (scale, optional bias), computed in float32 like the references do."""
 

@@ -2,29 +2,9 @@
 from __future__ import annotations
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 from jaxtx.config import ModelConfig
-from jaxtx.layers.common import activation, constrain, dtype_of, param
-
-
-class Linear(nn.Module):
-    """x [..., N_in] @ kernel [N_in, N_out] (+ bias), in the compute dtype."""
-
-    cfg: ModelConfig
-    n_out: int
-    axes: tuple  # logical axes of the kernel
-    use_bias: bool = False
-
-    @nn.compact
-    def __call__(self, x):
-        cfg = self.cfg
-        dt = dtype_of(cfg.dtype)
-        w = param(self, "kernel", (x.shape[-1], self.n_out), self.axes, cfg)
-        y = jnp.einsum("...i,io->...o", x.astype(dt), w.astype(dt))
-        if self.use_bias:
-            y = y + param(self, "bias", (self.n_out,), self.axes[1:], cfg, nn.initializers.zeros).astype(dt)
-        return y
+from jaxtx.layers.common import Dense, activation, constrain
 
 
 class Mlp(nn.Module):
@@ -34,11 +14,11 @@ class Mlp(nn.Module):
     def __call__(self, x_BTD):
         cfg = self.cfg
         act = activation(cfg.activation)
-        up_axes, down_axes = ("embed", "mlp"), ("mlp", "embed")
-        if cfg.gated:
-            h = act(Linear(cfg, cfg.d_ff, up_axes, cfg.mlp_bias, name="wi_gate")(x_BTD)) \
-                * Linear(cfg, cfg.d_ff, up_axes, cfg.mlp_bias, name="wi_up")(x_BTD)
-        else:
-            h = act(Linear(cfg, cfg.d_ff, up_axes, cfg.mlp_bias, name="wi")(x_BTD))
+        D, F = cfg.d_model, cfg.d_ff
+
+        def up(name):
+            return Dense(cfg, (D, F), ("embed", "mlp"), use_bias=cfg.mlp_bias, name=name)(x_BTD)
+
+        h = act(up("wi_gate")) * up("wi_up") if cfg.gated else act(up("wi"))
         h = constrain(h, ("batch", "length", "mlp"))
-        return Linear(cfg, cfg.d_model, down_axes, cfg.mlp_bias, name="wo")(h)
+        return Dense(cfg, (F, D), ("mlp", "embed"), use_bias=cfg.mlp_bias, name="wo")(h)
