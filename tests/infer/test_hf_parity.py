@@ -62,3 +62,15 @@ def test_t5_cached_decode_matches_hf_logits():
         logits, cache = step(jnp.asarray(dec[:, t:t + 1]), jnp.full((2, 1), t), cache)
         got.append(np.asarray(logits[:, 0]))
     np.testing.assert_allclose(np.stack(got, 1), exp["logits"], atol=2e-4, rtol=2e-4)
+
+
+def test_t5_one_beam_is_hf_greedy():
+    """Beam search on an encoder-decoder: the encoder output and mask are repeated per beam."""
+    from jaxtx.infer.beam import beam_search
+    model, params, exp = _load("t5")
+    res = beam_search(model, params, exp["prompt_ids"], lengths=exp["prompt_mask"].sum(1), num_beams=1,
+                      max_new_tokens=exp["greedy_ids"].shape[1], length_penalty=0.0)
+    assert res.tokens == exp["greedy_ids"].tolist()
+    wide = beam_search(model, params, exp["prompt_ids"], lengths=exp["prompt_mask"].sum(1), num_beams=3,
+                       max_new_tokens=exp["greedy_ids"].shape[1], length_penalty=0.0)
+    assert all(w >= g - 1e-4 for w, g in zip(wide.scores, res.scores))
