@@ -12,14 +12,14 @@ A query row with no visible key gets output 0 and zero gradients; kernels never 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
-import jax
 import jax.numpy as jnp
 
 from jaxtx.kernels.reference import MASK_VALUE
 
 __all__ = ["BlockSizes", "MaskSpec", "MASK_VALUE", "check_inputs", "canonical_segments", "element_mask",
-           "block_visibility", "pad_axis", "round_up"]
+           "block_visibility", "alibi_block", "pad_axis", "round_up"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +55,10 @@ class MaskSpec:
     kv_len: int
     scale: float
 
+    def __post_init__(self):  # numpy ints from configs -> python ints (hashable, usable as static loop bounds)
+        if self.window is not None:
+            object.__setattr__(self, "window", int(self.window))
+
 
 def round_up(x: int, m: int) -> int:
     return -(-x // m) * m
@@ -84,7 +88,7 @@ def check_inputs(name, q, k, v, *, window=None, segment_ids=None, kv_segment_ids
         err("k/v batch and head dim must match q")
     if H % K:
         err(f"query heads H={H} must be a multiple of kv heads K={K}")
-    if window is not None and (not isinstance(window, int) or window <= 0):
+    if window is not None and (not isinstance(window, numbers.Integral) or isinstance(window, bool) or window <= 0):
         err(f"window={window!r} must be a positive int or None")
     if segment_ids is not None and tuple(segment_ids.shape) != (B, T):
         err(f"segment_ids {tuple(segment_ids.shape)} must be [B, T] = {(B, T)}")
@@ -167,7 +171,3 @@ def alibi_block(slopes, q_idx, k_idx):
     """-slope * |i - j| for slopes [..., 1, 1]-broadcastable -> float32 [..., bq, bk]."""
     dist = jnp.abs(q_idx[:, None] - k_idx[None, :]).astype(jnp.float32)
     return -slopes * dist
-
-
-def tpu_platform_devices() -> bool:
-    return jax.default_backend() == "tpu"

@@ -166,3 +166,9 @@ def test_default_block_sizes_multi_block():
     q, k, v = make_qkv(key, B, T, S, H, K, Hd)
     kw = mask_kwargs("segments_causal", key, B, T, S, H)
     check_against_reference(lambda q_, k_, v_: attention(q_, k_, v_, backend="blockwise", **kw), q, k, v, kw)
+
+
+def test_numpy_int_window_accepted():
+    q, k, v = make_qkv(fresh_key(), 1, 20, 20, 2, 1, 8)
+    got = blockwise_attention(q, k, v, window=np.int64(5), causal=True, block_sizes=BS)
+    np.testing.assert_allclose(got, attention_reference(q, k, v, window=5, causal=True), atol=2e-5)

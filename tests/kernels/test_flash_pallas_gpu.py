@@ -93,3 +93,14 @@ def test_default_blocks_against_float64_numpy():
     got = jax.jit(lambda *a: flash_attention_gpu(*a, interpret=True, **kw))(q, k, v)
     np.testing.assert_allclose(np.asarray(got), numpy_attention_f64(q, k, v, **kw), atol=2e-5, rtol=2e-5)
     check_against_reference(lambda q_, k_, v_: flash_attention_gpu(q_, k_, v_, interpret=True, **kw), q, k, v, kw)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", MASK_CASES)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_full_matrix_gqa4(case, dtype):
+    B, T, S, H, K, Hd = 2, 50, 70, 8, 2, 32
+    key = fresh_key()
+    q, k, v = make_qkv(key, B, T, S, H, K, Hd, jnp.dtype(dtype))
+    kw = mask_kwargs(case, jax.random.fold_in(key, 1), B, T, S, H)
+    check_against_reference(_gpu(**kw), q, k, v, kw)

@@ -61,3 +61,13 @@ def test_tpu_via_dispatcher_interpret_flag():
 @pytest.mark.parametrize("case", MASK_CASES)
 def test_tpu_interpret_all_mask_cases(case):
     _run_case(lambda key, *a: mask_kwargs(case, key, *a))
+
+
+def test_tpu_masked_blocks_are_skipped_not_discarded():
+    """NaN keys/values only in blocks that causal masking makes invisible to rows < 24: skipped -> finite."""
+    B, T, S, H, K, Hd = 1, 32, 32, 1, 1, 8
+    q, k, v = make_qkv(fresh_key(), B, T, S, H, K, Hd)
+    with pltpu.force_tpu_interpret_mode(pltpu.InterpretParams()):
+        got = jax.jit(_tpu(causal=True))(q, k.at[:, 24:].set(jnp.nan), v.at[:, 24:].set(jnp.nan))[:, :24]
+    want = attention(q, k, v, causal=True, backend="xla")[:, :24]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
