@@ -13,6 +13,7 @@ model.n_layers=4) apply last.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -99,19 +100,35 @@ def topology_devices(topology: str, num_slices: int = 1):
     return list(topo.devices)
 
 
-def _compile(lowered):
-    """Compile without the persistent compilation cache: a TPU executable cannot be loaded back on this host (jax
-    warns on every read), so caching it only costs disk."""
+class DoesNotFit(Exception):
+    """The TPU compiler itself refused: the program needs more HBM than a chip has."""
+
+
+def _shard_bytes(tree) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs."""
+    import jax
+    return sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(tree))
+
+
+def _compile(lowered, what: str, args_tree, hbm: int):
+    """Compile without the persistent compilation cache (a TPU executable cannot be loaded back on this host, so
+    caching it only costs disk). A compiler out-of-memory becomes DoesNotFit with the numbers."""
     import jax
     prev = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
     try:
         return lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        xla = str(e).split("RESOURCE_EXHAUSTED:", 1)[1].strip().splitlines()[0]
+        raise DoesNotFit(f"{what}: the TPU compiler ran out of HBM ({xla}); the arguments alone (train state + batch) "
+                         f"take {gib(_shard_bytes(args_tree))} per device of {gib(hbm)}") from None
     finally:
         jax.config.update("jax_enable_compilation_cache", prev)
 
 
-def compile_train_step(run_cfg, devices):
+def compile_train_step(run_cfg, devices, hbm: int = 0):
     """Lower and compile the train step for `devices`. Returns (compiled, info dict)."""
     import jax
     from jaxtx import model as jmodel
@@ -134,15 +151,19 @@ def compile_train_step(run_cfg, devices):
         t0 = time.perf_counter()
         lowered = step.lower(state, batch)
         t1 = time.perf_counter()
-        compiled = _compile(lowered)
+        compiled = _compile(lowered, "train step", (state, batch), hbm)
         t2 = time.perf_counter()
-    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    n_params = n_active = sum(x.size for x in jax.tree.leaves(state["params"]))
+    if cfg.is_moe:  # a token runs k of E experts: count active params for the FLOPs estimate
+        n_ffn = (3 if cfg.gated else 2) * cfg.d_model * cfg.d_ff * cfg.num_experts * cfg.n_layers
+        n_active -= round(n_ffn * (1 - cfg.experts_per_token / cfg.num_experts))
     replicated = shd.check_replicated(state["params"], threshold_bytes=64 * 2**20)
     return compiled, {"lower_s": t1 - t0, "compile_s": t2 - t1, "mesh": dict(mesh.shape), "n_params": n_params,
-                      "tokens": run_cfg.train.batch_size * run_cfg.train.seq_len, "replicated": replicated}
+                      "n_active": n_active, "tokens": run_cfg.train.batch_size * run_cfg.train.seq_len,
+                      "replicated": replicated}
 
 
-def compile_decode_step(run_cfg, devices, batch: int, max_len: int):
+def compile_decode_step(run_cfg, devices, batch: int, max_len: int, hbm: int = 0):
     """Lower and compile one decode step (a token per row against a KV cache of max_len slots, cache donated), params
     in the compute dtype as served. The cache is split like the activations: rows over the batch axes, kv heads over
     tensor. Returns (compiled, info dict)."""
@@ -184,7 +205,7 @@ def compile_decode_step(run_cfg, devices, batch: int, max_len: int):
         t0 = time.perf_counter()
         lowered = fn.lower(params, cache, ids, ids)
         t1 = time.perf_counter()
-        compiled = _compile(lowered)
+        compiled = _compile(lowered, "decode step", (params, cache), hbm)
         t2 = time.perf_counter()
     n_params = sum(x.size for x in jax.tree.leaves(params))
     return compiled, {"lower_s": t1 - t0, "compile_s": t2 - t1, "mesh": dict(mesh.shape), "n_params": n_params,
@@ -211,7 +232,9 @@ def gib(x: float) -> str:
 def report(topology: str, n_devices: int, info: dict, mem: dict, out=None) -> None:
     p = lambda s: print(s, file=out or sys.stdout)  # noqa: E731
     p(f"topology {topology}: {n_devices} chips, mesh {info['mesh']}")
-    p(f"params {info['n_params'] / 1e9:.3f} B, {info['tokens']} tokens per step"
+    n_active = info.get("n_active", info["n_params"])
+    p(f"params {info['n_params'] / 1e9:.3f} B ({n_active / 1e9:.3f} B active per token), "
+      f"{info['tokens']} tokens per step"
       + (f", KV cache {gib(info['cache_bytes'])} in all" if "cache_bytes" in info else ""))
     p(f"lower {info['lower_s']:.1f} s, compile {info['compile_s']:.1f} s")
     p(f"HBM per device: arguments {gib(mem['arguments'])} + outputs {gib(mem['outputs'])} - aliased "
@@ -221,7 +244,7 @@ def report(topology: str, n_devices: int, info: dict, mem: dict, out=None) -> No
     # XLA's cost analysis counts a while-loop body once, so with scan_layers it sees one layer of the stack.
     f = info.get("flop_factor", 6)  # forward + backward = 6 N per token; decode (forward) = 2 N
     p(f"FLOPs per device per step (XLA cost analysis, a scanned layer stack counted once): {mem['flops']:.4g}; "
-      f"{f}*N*tokens/devices = {f * info['n_params'] * info['tokens'] / n_devices:.4g}")
+      f"{f}*N_active*tokens/devices = {f * n_active * info['tokens'] / n_devices:.4g}")
     for line in info["replicated"]:
         p(f"warning: replicated param >= 64 MiB: {line}")
 
@@ -243,16 +266,20 @@ def run(args) -> int:
         run_cfg = load_config(args.config, args.mesh, args.overrides)
         hbm = hbm_bytes(args.topology, args.hbm_gib)
         devices = topology_devices(args.topology, args.num_slices)
-        results = [("train step", *compile_train_step(run_cfg, devices))]
+        results = [("train step", *compile_train_step(run_cfg, devices, hbm))]
         if args.decode:
             try:
                 b, n = (int(v) for v in args.decode.lower().split("x"))
             except ValueError:
                 raise ConfigError(f"--decode {args.decode!r}: expected BATCHxMAXLEN, e.g. 64x8192") from None
-            results.append((f"decode step ({b} rows, {n} cache slots)", *compile_decode_step(run_cfg, devices, b, n)))
+            results.append((f"decode step ({b} rows, {n} cache slots)", *compile_decode_step(run_cfg, devices, b, n, hbm)))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except DoesNotFit as e:
+        print(f"error: does not fit on {args.topology}: {e}; shard more (mesh.fsdp, mesh.tensor), lower "
+              "train.batch_size or use model.remat=full", file=sys.stderr)
+        return 1
     code = 0
     for name, compiled, info in results:
         print(f"== {name}")

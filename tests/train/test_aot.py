@@ -78,6 +78,16 @@ def test_pallas_tpu_attention_compiles_sharded_only_through_shard_map(monkeypatc
     assert "tpu_custom_call" in compiled.as_text()  # the Mosaic kernel is in the step, not an XLA fallback
 
 
+def test_compiler_out_of_memory_exits_1_with_numbers(capsys):
+    # 4096 x 1024 tokens of f32 logits on 4 v5e chips (16 GiB each): the TPU compiler itself refuses.
+    argv = ["aot", "tiny", "--topology", "v5e:2x2", "mesh.data=-1", "model.n_layers=1", "train.batch_size=4096",
+            "train.seq_len=1024"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "does not fit on v5e:2x2: train step: the TPU compiler ran out of HBM" in err
+    assert "exceeds available HBM" in err and "GiB per device of 16.00 GiB" in err
+
+
 def test_cli_exit_codes(capsys):
     # A bad topology name and an indivisible mesh fail before compiling, with exit 2 and a message.
     assert main(["aot", "tiny", "--topology", "v5p:9x9x9"]) == 2
