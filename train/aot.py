@@ -111,11 +111,15 @@ def _shard_bytes(tree) -> int:
 
 
 def _compile(lowered, what: str, args_tree, hbm: int):
-    """Compile without the persistent compilation cache (a TPU executable cannot be loaded back on this host, so
-    caching it only costs disk). A compiler out-of-memory becomes DoesNotFit with the numbers."""
+    """Compile without writing to the persistent compilation cache (a TPU executable cannot be loaded back on this
+    host, so an entry only costs disk and a warning on every later read). jax decides once per process whether the
+    cache is used, so toggling jax_enable_compilation_cache does not stop writes; the write thresholds do.
+    A compiler out-of-memory becomes DoesNotFit with the numbers."""
     import jax
-    prev = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)
+    keys = ("jax_persistent_cache_min_compile_time_secs", "jax_persistent_cache_min_entry_size_bytes")
+    prev = [getattr(jax.config, k) for k in keys]
+    jax.config.update(keys[0], 1e9)
+    jax.config.update(keys[1], 1 << 62)
     try:
         return lowered.compile()
     except jax.errors.JaxRuntimeError as e:
@@ -125,7 +129,8 @@ def _compile(lowered, what: str, args_tree, hbm: int):
         raise DoesNotFit(f"{what}: the TPU compiler ran out of HBM ({xla}); the arguments alone (train state + batch) "
                          f"take {gib(_shard_bytes(args_tree))} per device of {gib(hbm)}") from None
     finally:
-        jax.config.update("jax_enable_compilation_cache", prev)
+        for k, v in zip(keys, prev):
+            jax.config.update(k, v)
 
 
 def compile_train_step(run_cfg, devices, hbm: int = 0):
