@@ -49,8 +49,7 @@ _FEATURES: dict[str, tuple] = {
     "tp": (("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"), ("vocab", "tensor")),
     "ep": (("expert", "expert"),),
 }
-# Names that are never split: listed so every logical name used by the model resolves (Flax errors on unknown names
-# only when a rule is missing and the mesh is strict; explicit Nones also document the choice).
+# Never split (listed so the table documents every logical name the model uses): lengths stay whole for the kernels.
 _NEVER = tuple((n, None) for n in ("length", "head_dim", "layers", "pos", "types", "buckets", "capacity"))
 PRESETS = ("dp", "fsdp", "tp", "ep", "fsdp+tp", "fsdp+ep", "tp+ep", "fsdp+tp+ep")
 
@@ -320,13 +319,13 @@ def global_batch(local: dict, sharding: NamedSharding, global_batch_size: int) -
             for k, v in local.items()}
 
 
-def check_replicated(params, threshold_bytes: int = 1 << 20, mesh_devices: int | None = None) -> list[str]:
+def check_replicated(params, threshold_bytes: int = 1 << 20) -> list[str]:
     """Lines "path shape dtype MiB" for every param at or above threshold_bytes that is fully replicated over a
     multi-device mesh — the memory ZeRO-3 / TP were meant to save. Accepts arrays or ShapeDtypeStructs with .sharding."""
     found = []
     for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
         s = getattr(x, "sharding", None)
-        n_dev = mesh_devices or (len(s.device_set) if s is not None else 1)
+        n_dev = len(s.device_set) if s is not None else 1
         nbytes = math.prod(x.shape) * np.dtype(x.dtype).itemsize
         if s is not None and n_dev > 1 and s.is_fully_replicated and nbytes >= threshold_bytes:
             found.append(f"{_path_str(path)} {tuple(x.shape)} {np.dtype(x.dtype).name} {nbytes / 2**20:.2f} MiB")
@@ -380,31 +379,40 @@ def shard_map_kernel(fn: Callable, in_names: Sequence, out_names, mesh=None, rul
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
-def shard_map_attention(fn: Callable, mesh=None, rules: Rules | None = None) -> Callable:
-    """attention(q_BTHh, k_BSKh, v_BSKh, **kw) -> o_BTHh wrapped in shard_map: batch split like the batch rule, heads
-    and kv_heads like the TP rule, lengths and head_dim whole (the kernel needs every key). Array kwargs are split
-    too: segment_ids / kv_segment_ids [B, T|S], alibi_slopes [H], bias [B|1, H|1, T, S]; other kwargs pass through.
-    GQA stays correct under TP because head h uses kv head h // G and both are split in contiguous blocks."""
+_KW_NAMES = {"segment_ids": ("batch", None), "kv_segment_ids": ("batch", None), "alibi_slopes": ("heads",),
+             "q_positions": ("batch", None), "kv_positions": ("batch", None),
+             "k_scale": ("batch", "kv_heads", None), "v_scale": ("batch", "kv_heads", None)}
+
+
+def _wrap_attention(fn, kv_names, mesh, rules):
     def wrapped(q, k, v, **kw):
         m, r = _context(mesh, rules)
         if not _active(m):
             return fn(q, k, v, **kw)
         arrays = {n: x for n, x in kw.items() if isinstance(x, (jax.Array, np.ndarray))}
         static = {n: x for n, x in kw.items() if n not in arrays}
-        names = {"segment_ids": ("batch", None), "kv_segment_ids": ("batch", None), "alibi_slopes": ("heads",)}
-        arg_names = [("batch", None, "heads", None), ("batch", None, "kv_heads", None),
-                     ("batch", None, "kv_heads", None)]
-        for n, x in arrays.items():
-            if n == "bias":
-                arg_names.append(("batch" if x.shape[0] > 1 else None, "heads" if x.shape[1] > 1 else None,
-                                  None, None))
-            else:
-                arg_names.append(names.get(n, (None,) * x.ndim))
-        keys = list(arrays)
+        names = [("batch", None, "heads", None), kv_names, kv_names]
+        for n, x in arrays.items():  # bias [B|1, H|1, T, S]: broadcast dims stay whole
+            names.append((("batch" if x.shape[0] > 1 else None, "heads" if x.shape[1] > 1 else None, None, None))
+                         if n == "bias" else _KW_NAMES.get(n, (None,) * x.ndim))
 
         def body(q, k, v, *rest):
-            return fn(q, k, v, **dict(zip(keys, rest)), **static)
+            return fn(q, k, v, **dict(zip(arrays, rest)), **static)
 
-        return shard_map_kernel(body, arg_names, ("batch", None, "heads", None), m, r)(q, k, v, *arrays.values())
+        return shard_map_kernel(body, names, ("batch", None, "heads", None), m, r)(q, k, v, *arrays.values())
 
     return wrapped
+
+
+def shard_map_attention(fn: Callable, mesh=None, rules: Rules | None = None) -> Callable:
+    """attention(q_BTHh, k_BSKh, v_BSKh, **kw) -> o_BTHh wrapped in shard_map: batch split like the batch rule, heads
+    and kv_heads like the TP rule, lengths and head_dim whole (the kernel needs every key). Array kwargs are split
+    too (segment_ids, kv_segment_ids, alibi_slopes, bias); other kwargs pass through. Without a multi-device mesh in
+    context it calls fn directly. GQA stays correct under TP: head h uses kv head h // G and both split in blocks."""
+    return _wrap_attention(fn, ("batch", None, "kv_heads", None), mesh, rules)
+
+
+def shard_map_decode_attention(fn: Callable, mesh=None, rules: Rules | None = None) -> Callable:
+    """decode_attention(q_BTHh, k_BKSh, v_BKSh, **kw) (the KV-cache layout) wrapped like shard_map_attention;
+    q_positions [B, T], kv_positions [B, S], k_scale / v_scale [B, K, S] are split over batch (and kv heads)."""
+    return _wrap_attention(fn, ("batch", "kv_heads", None, None), mesh, rules)

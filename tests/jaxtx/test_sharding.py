@@ -230,7 +230,7 @@ def test_constraints_take_effect_only_inside_use_mesh():
     from jaxtx import model as M
     cfg = load_model_config("tiny", SMALL)
     model = M.build(cfg)
-    mesh, rules = S.make_mesh(S.MeshConfig(data=2, tensor=4 // 2, fsdp=2)), S.rules_for("fsdp+tp")
+    mesh, rules = S.make_mesh(S.MeshConfig(data=2, fsdp=2, tensor=2)), S.rules_for("fsdp+tp")
     p = S.init_sharded(model, jax.random.key(0), mesh, rules, jnp.zeros((8, 8), jnp.int32))
     f = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
     x = jnp.zeros((8, 8), jnp.int32)
@@ -265,6 +265,22 @@ def test_shard_map_attention_matches_unsharded():
     # No mesh: the kernel is called unwrapped with full shapes.
     S.shard_map_attention(kernel)(q, k, v, causal=True)
     assert calls[-1] == ((B, T, H, Hd), (B, T, K, Hd))
+    # The decode kernel on the KV-cache layout [B, K, S, Hd] with per-row positions (-1 = empty slot).
+    from jaxtx.kernels import decode_attention
+    kc, vc = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+    q1, qpos = q[:, -1:], jnp.full((B, 1), T - 1)
+    kvpos = jnp.where(jnp.arange(T)[None] < jnp.arange(B)[:, None] + 12, jnp.arange(T)[None], -1)
+    want = decode_attention(q1, kc, vc, q_positions=qpos, kv_positions=kvpos)
+
+    def dec_kernel(q, k, v, **kw):
+        calls.append((q.shape, k.shape, kw["kv_positions"].shape))
+        return decode_attention(q, k, v, **kw)
+
+    with S.use_mesh(mesh, rules):
+        got = jax.jit(lambda *a: S.shard_map_decode_attention(dec_kernel)(
+            a[0], a[1], a[2], q_positions=a[3], kv_positions=a[4]))(q1, kc, vc, qpos, kvpos)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert calls[-1] == ((1, 1, 2, Hd), (1, 1, T, Hd), (1, T))
 
 
 @pytest.mark.parametrize("cf", [None, 1.0], ids=["dropless", "capacity"])
