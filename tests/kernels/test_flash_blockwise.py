@@ -25,9 +25,8 @@ def test_mask_cases_f32(case):
     check_against_reference(_blockwise(**kw), q, k, v, kw)
 
 
-@pytest.mark.parametrize("shape", [(1, 64, 64, 4, 1, 32), (1, 40, 24, 6, 3, 8), (3, 16, 70, 2, 2, 16)],
-                         ids=["mqa", "gqa3_T>S", "mha_S>T"])
-@pytest.mark.parametrize("case", ["causal", "segments_causal"])
+@pytest.mark.parametrize("shape,case", [((1, 64, 64, 4, 1, 32), "causal"), ((1, 40, 24, 6, 3, 8), "segments_causal"),
+                                        ((3, 16, 70, 2, 2, 16), "causal")], ids=["mqa", "gqa3_T>S", "mha_S>T"])
 def test_shapes(shape, case):
     B, T, S, H, K, Hd = shape
     key = fresh_key()

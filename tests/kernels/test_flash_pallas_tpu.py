@@ -38,7 +38,7 @@ def _combined(key, B, T, S, H):
     return kw
 
 
-@pytest.mark.parametrize("case", ["causal", "segments_unsorted", "combined"])
+@pytest.mark.parametrize("case", ["causal", "combined"])  # segments: bf16_mqa here, all cases in the slow run
 def test_tpu_interpret(case):
     _run_case(_combined if case == "combined" else (lambda key, *a: mask_kwargs(case, key, *a)))
 
