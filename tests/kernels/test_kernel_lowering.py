@@ -37,11 +37,17 @@ def test_gpu_flash_fwd_and_bwd_lower_to_triton(case):
 
 @pytest.fixture
 def no_persistent_cache():
-    """TPU executables compiled on this CPU host cannot be loaded back from the persistent cache (jax warns)."""
-    prev = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)
+    """TPU executables compiled on this CPU host cannot be loaded back from the persistent cache (jax warns on each
+    read). jax decides once per process whether the cache is on, so also raise the write thresholds: no entry is
+    written for these compiles."""
+    keys = ("jax_enable_compilation_cache", "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes")
+    prev = [getattr(jax.config, k) for k in keys]
+    for k, val in zip(keys, (False, 1e9, 1 << 62)):
+        jax.config.update(k, val)
     yield
-    jax.config.update("jax_enable_compilation_cache", prev)
+    for k, val in zip(keys, prev):
+        jax.config.update(k, val)
 
 
 def _tpu_topology_mesh():
