@@ -345,7 +345,8 @@ def flash_attention_tpu(q, k, v, *, causal=False, window=None, segment_ids=None,
     bs = DEFAULT_BLOCK_SIZES if block_sizes is None else block_sizes
     if bs.bwd_q != bs.block_q or bs.bwd_k != bs.block_k:
         raise ValueError(f"flash_attention_tpu: separate backward block sizes are not supported ({bs})")
-    bq, bk = min(bs.block_q, round_up(T, 8)), min(bs.block_k, round_up(S, 8))
+    # 16 rows: a bf16 tile packs two rows per sublane, so short sequences round to 16, not 8.
+    bq, bk = min(bs.block_q, round_up(T, 16)), min(bs.block_k, round_up(S, 16))
     Tp, Sp = round_up(T, bq), round_up(S, bk)
     if not interpret and jax.default_backend() == "tpu":  # (CPU interpreters accept any tile)
         if bq % 8:

@@ -128,3 +128,20 @@ def test_paged_attention_tpu_aot_compile_v5e(no_persistent_cache):
             jax.ShapeDtypeStruct((Kh, Pg, ps), jnp.float32, sharding=rep)]
     compiled = jax.jit(sm).lower(*args).compile()
     assert "jaxtx_paged_attention_tpu" in compiled.as_text()
+
+
+def test_tpu_flash_aot_compile_unaligned_lengths(no_persistent_cache):
+    """T = 200 (padded to 2 x 128 blocks), S = 40 (one 48-row block), Hd = 64, bf16: Mosaic tiling still holds."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from jaxtx.kernels.flash_attention.tpu import flash_attention_tpu
+
+    mesh = _tpu_topology_mesh()
+    sm = jax.shard_map(lambda q, k, v: flash_attention_tpu(q, k, v, window=64), mesh=mesh,
+                       in_specs=(P("data"),) * 3, out_specs=P("data"), check_vma=False)
+    sh = NamedSharding(mesh, P("data"))
+    args = [jax.ShapeDtypeStruct((4, 200, 4, 64), jnp.bfloat16, sharding=sh),
+            jax.ShapeDtypeStruct((4, 40, 2, 64), jnp.bfloat16, sharding=sh),
+            jax.ShapeDtypeStruct((4, 40, 2, 64), jnp.bfloat16, sharding=sh)]
+    loss = lambda *a: sm(*a).astype(jnp.float32).sum()  # noqa: E731
+    jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args).compile()
