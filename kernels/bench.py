@@ -111,7 +111,8 @@ def run(args) -> int:
     platform = jax.default_backend()
     platform = "gpu" if platform in ("cuda", "rocm") else platform
     on_cpu = platform not in ("gpu", "tpu")
-    backends = tuple(args.backends.split(",")) if args.backends else DEFAULT_BACKENDS.get(platform, DEFAULT_BACKENDS["cpu"])
+    default = DEFAULT_BACKENDS.get(platform, DEFAULT_BACKENDS["cpu"])
+    backends = tuple(args.backends.split(",")) if args.backends else default
     if args.interpret and on_cpu and "pallas_gpu" not in backends:
         backends = backends + ("pallas_gpu",)
     sizes = ([int(s) for s in args.sizes.split(",")] if args.sizes

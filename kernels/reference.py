@@ -5,7 +5,6 @@ K/V are never repeated: q is viewed as [B, T, K, G, Hd] and the einsums broadcas
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 # A finite "minus infinity": exp() of it underflows to exactly 0 in f32 and bf16, and it never makes NaN.

@@ -337,7 +337,7 @@ def flash_attention_tpu(q, k, v, *, causal=False, window=None, segment_ids=None,
                         interpret=False):
     """q [B, T, H, Hd], k/v [B, S, K, Hd] -> [B, T, H, Hd] (q.dtype). Pallas Mosaic.
 
-    interpret=True runs the TPU interpreter on CPU (also what `pltpu.force_tpu_interpret_mode()` does to interpret=False).
+    interpret=True runs the TPU interpreter on CPU (`pltpu.force_tpu_interpret_mode()` does so for interpret=False).
     The backward uses the forward's block sizes (block_q_bwd / block_k_bwd must be unset or equal).
     """
     B, T, H, Hd, S, K = check_inputs("flash_attention_tpu", q, k, v, window=window, segment_ids=segment_ids,
