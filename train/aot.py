@@ -29,6 +29,7 @@ def _options(p, required: bool) -> None:
     p.add_argument("--hbm-gib", type=float, default=None, help="HBM per chip; default from the topology generation")
     p.add_argument("--decode", default=None, metavar="BATCHxMAXLEN",
                    help="also compile one decode step for BATCH rows and a KV cache of MAXLEN slots, e.g. 64x8192")
+    p.add_argument("--no-train", action="store_true", default=None, help="with --decode: skip the train step")
 
 
 def register(subparsers) -> None:
@@ -48,7 +49,7 @@ def _merge_late_options(args) -> None:
     _options(late, required=False)
     late.add_argument("rest", nargs="*")
     ns = late.parse_intermixed_args(args.overrides)
-    for k in ("topology", "num_slices", "mesh", "hbm_gib", "decode"):
+    for k in ("topology", "num_slices", "mesh", "hbm_gib", "decode", "no_train"):
         if getattr(ns, k) is not None:
             setattr(args, k, getattr(ns, k))
     args.overrides = ns.rest
@@ -271,7 +272,7 @@ def run(args) -> int:
         run_cfg = load_config(args.config, args.mesh, args.overrides)
         hbm = hbm_bytes(args.topology, args.hbm_gib)
         devices = topology_devices(args.topology, args.num_slices)
-        results = [("train step", *compile_train_step(run_cfg, devices, hbm))]
+        results = [] if args.no_train and args.decode else [("train step", *compile_train_step(run_cfg, devices, hbm))]
         if args.decode:
             try:
                 b, n = (int(v) for v in args.decode.lower().split("x"))

@@ -95,10 +95,10 @@ def test_cli_exit_codes(capsys):
     assert main(["aot", "tiny", "--topology", TOPO, "mesh.data=3"]) == 2
     assert "but there are 4" in capsys.readouterr().err
     # Options after the overrides are understood too (parse order of the core CLI).
-    ns = type("A", (), dict(topology=None, num_slices=None, mesh=None, hbm_gib=None,
-                            overrides=["mesh.fsdp=4", "--topology", TOPO, "--hbm-gib", "1"]))()
+    ns = type("A", (), dict(topology=None, num_slices=None, mesh=None, hbm_gib=None, decode=None, no_train=None,
+                            overrides=["mesh.fsdp=4", "--topology", TOPO, "--hbm-gib", "1", "--decode", "8x64"]))()
     aot._merge_late_options(ns)
-    assert (ns.topology, ns.hbm_gib, ns.overrides) == (TOPO, 1.0, ["mesh.fsdp=4"])
+    assert (ns.topology, ns.hbm_gib, ns.decode, ns.overrides) == (TOPO, 1.0, "8x64", ["mesh.fsdp=4"])
 
 
 def test_multislice_mesh_puts_dcn_axis_across_slices():
