@@ -43,6 +43,8 @@ def run(args) -> int:
           f"(unigram entropy of the tokens {out['unigram_entropy']:.3f})")
     if out["skipped"]:
         print(f"{out['skipped']} non-finite updates were skipped")
-    for prompt, cont in out["samples"]:
-        print("-" * 60 + f"\n{prompt}\033[1m{cont}\033[0m" if sys.stdout.isatty() else "-" * 60 + f"\n{prompt}{cont}")
+    tty = sys.stdout.isatty()
+    for prompt, cont in out["samples"]:  # the prompt (held-out text), then the model's greedy continuation
+        print("-" * 60)
+        print(f"{prompt}\033[1m{cont}\033[0m" if tty else f"[prompt]\n{prompt}\n[greedy continuation]\n{cont}")
     return 0

@@ -29,7 +29,19 @@ from jaxtx.train.sample import greedy_generate
 from jaxtx.train.step import init_train_state, make_eval_step, make_train_step, state_shardings
 from jaxtx.train.tokenizer import EOS
 
-STDLIB_PROMPTS = ["import ", "def ", "class ", "    def __init__(self"]
+def _code_prompts(texts: list[str], n: int) -> list[str]:
+    """Held-out code to continue: a `def` line and the line after it, from the first n eval files that have one
+    (a bare keyword prompt says little about a small model; continuing real code shows what it learned)."""
+    out = []
+    for text in texts:
+        lines = text.split("\n")
+        for i, line in enumerate(lines[:-1]):
+            if line.lstrip().startswith("def ") and line.rstrip().endswith(":") and len(line) < 100:
+                out.append("\n".join(lines[i:i + 2]) + "\n")
+                break
+        if len(out) == n:
+            break
+    return out or ["def main():\n"]
 
 
 class NonFiniteError(RuntimeError):
@@ -191,9 +203,15 @@ def train(run_cfg: RunConfig, log=print) -> dict:
         writer.write("eval", {"step": step_no, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))})
         last["eval_loss"] = loss
 
+    prev_train, prev_eval = jmetrics.read_jsonl(run_dir / "metrics.jsonl"), jmetrics.read_jsonl(run_dir / "eval.jsonl")
+    if prev_train:  # a rerun of a finished run reports what it had
+        last["loss"] = prev_train[-1]["loss"]
+    if prev_eval:
+        last["eval_loss"] = prev_eval[-1]["eval_loss"]
     status, pending = "done", None
     with _Signals() as sig, shd.use_mesh(mesh, rules):
         try:
+            saved = start
             for s in range(start, t.steps):
                 if sig.got:
                     break
@@ -212,10 +230,14 @@ def train(run_cfg: RunConfig, log=print) -> dict:
                     evaluate(s + 1, state["params"], state.get("ref_params"))
                 if at_ckpt or sig.got:
                     ckpt.save(s + 1, state, {"step": s + 1, "data": data_state})
+                    saved = s + 1
             if pending is not None:
                 handle(*pending)
             if sig.got:
                 status = f"interrupted by {sig.got}"
+                step_now = int(jax.device_get(state["step"]))
+                if saved != step_now:  # the signal came between the check after a step and the next step
+                    ckpt.save(step_now, state, {"step": step_now, "data": it.get_state()})
         finally:
             ckpt.close()
             writer.close()
@@ -237,7 +259,7 @@ def _samples(model, cfg, params, data, run_cfg: RunConfig) -> list[tuple[str, st
     if cfg.kind != "decoder" or t.samples < 1:
         return []
     if run_cfg.data.source == "stdlib":
-        prompts = [tok.encode(p) for p in STDLIB_PROMPTS[:t.samples]]
+        prompts = [tok.encode(p) for p in _code_prompts(data.eval_texts, t.samples)]
     else:
         rows = data.eval_rows
         prompts = []
