@@ -32,6 +32,10 @@ def register(bench_subparsers) -> None:
     p.add_argument("--draft-layers", type=int, default=2,
                    help="the draft for --speculative: the target's first N layers with its embeddings and head "
                         "(self-speculation; no second checkpoint needed)")
+    p.add_argument("--upper-scale", type=float, default=1.0,
+                   help="--speculative with random weights: scale the output projections of the target's layers "
+                        "above --draft-layers by this factor, so the truncated draft agrees with the target more "
+                        "often (0 = always, the speedup ceiling; random weights otherwise give ~0%% acceptance)")
     p.set_defaults(func=run)
 
 
@@ -143,9 +147,23 @@ def truncated_draft(model, params, n_layers):
     return M.build(cfg.replace(n_layers=n_layers)), dparams
 
 
-def bench_speculative(model, params, T, N, k, n_layers, repeats):
+def scale_upper_layers(params, n_layers, scale):
+    """The residual-branch output kernels (attention out, MLP out) of layers >= n_layers, times scale."""
+    import jax
+
+    def f(path, a):
+        names = [getattr(k, "key", "") for k in path]
+        if names[:1] == ["layers"] and names[-1] == "kernel" and (names[-2] in ("o", "wo")):
+            return a.at[n_layers:].multiply(scale)
+        return a
+    return jax.tree_util.tree_map_with_path(f, params)
+
+
+def bench_speculative(model, params, T, N, k, n_layers, repeats, upper_scale=1.0):
     """Greedy target-only vs speculative at batch 1: (t_target, t_spec, acceptance, tokens per target pass)."""
     import numpy as np
+    if upper_scale != 1.0:
+        params = scale_upper_layers(params, n_layers, upper_scale)
 
     from jaxtx.infer import generate
     from jaxtx.infer.speculative import speculative_generate
@@ -221,8 +239,8 @@ def run(args) -> int:
                   f"TTFT {tttft / ttft:.2f}x")
     if args.speculative:
         t_ref, t_spec, acc, per = bench_speculative(model, params, T, N, args.speculative, args.draft_layers,
-                                                    args.repeats)
+                                                    args.repeats, args.upper_scale)
         print(f"speculative (batch 1, k={args.speculative}, draft = first {args.draft_layers} of {cfg.n_layers} "
-              f"layers): acceptance {acc:.1%}, {per:.2f} tokens per target pass, {N / t_spec:.1f} tok/s vs "
+              f"layers, upper layers x{args.upper_scale}): acceptance {acc:.1%}, {per:.2f} tokens per target pass, {N / t_spec:.1f} tok/s vs "
               f"{N / t_ref:.1f} target-only: speedup {t_ref / t_spec:.2f}x (tokens identical to target greedy)")
     return 0

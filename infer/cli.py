@@ -47,7 +47,7 @@ def register_generate(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _prompts(args, tok, source):
+def _prompts(args, tok, source, encoder_decoder=False):
     if args.prompt_ids is not None:
         try:
             return [[int(t) for t in args.prompt_ids.replace(" ", "").split(",") if t != ""]], None
@@ -64,8 +64,13 @@ def _prompts(args, tok, source):
         if not t:
             raise ValueError(f"prompt {i} is empty: generation needs at least one token to condition on")
         ids = tok.encode(t)
-        if source == "run" and not args.no_eos_prefix and tok.eos_id is not None and tok.eos_id >= 0:
+        has_eos = tok.eos_id is not None and tok.eos_id >= 0
+        if encoder_decoder and has_eos:
+            ids = ids + [tok.eos_id]  # T5 encoder inputs end with </s>, as transformers' tokenizer writes them
+        elif source == "run" and not args.no_eos_prefix and has_eos:
             ids = [tok.eos_id] + ids
+        elif source == "hf" and tok.bos_id is not None and tok.bos_id >= 0:
+            ids = [tok.bos_id] + ids  # HF decoder tokenizers (Llama, Mistral) start prompts with <s>
         rows.append(ids)
     return rows, texts
 
@@ -82,7 +87,7 @@ def run(args) -> int:
 
     loaded = loading.load_run(args.run, args.step) if args.run else loading.load_hf(args.hf)
     model, params, tok = loaded.model, loaded.params, loaded.tokenizer
-    prompts, _ = _prompts(args, tok, loaded.source)
+    prompts, _ = _prompts(args, tok, loaded.source, model.cfg.kind == "encoder_decoder")
     if tok is not None and tok.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"tokenizer has {tok.vocab_size} pieces but the model's vocab_size={model.cfg.vocab_size}")
     eos = tok.eos_id if tok is not None and tok.eos_id is not None and tok.eos_id >= 0 else None

@@ -6,8 +6,8 @@ on (written by `jaxtx train`):
                                  `data.tokenizer` may name an external sentencepiece file
     RUN_DIR/tokenizer.model      sentencepiece model (used when data.tokenizer is null); PAD 0, UNK 1, BOS 2, EOS 3
     RUN_DIR/checkpoints/<step>/state   orbax pytree {"step", "params", "opt_state", ...}; only "params" is read
-A Hugging Face directory goes through `jaxtx.hf.load`; its tokenizer is tokenizer.model (sentencepiece) or
-tokenizer.json (the `tokenizers` library), if present.
+A Hugging Face directory goes through `jaxtx.hf.load`; its tokenizer is tokenizer.model / spiece.model
+(sentencepiece) or tokenizer.json (the `tokenizers` library), if present.
 """
 from __future__ import annotations
 
@@ -112,8 +112,9 @@ def load_hf(hf_dir) -> Loaded:
         raise LoadError(f"--hf {hf_dir}: no config.json (expected a Hugging Face model directory)")
     model, params = hf.load(hf_dir)
     tok = None
-    if (hf_dir / "tokenizer.model").exists():
-        tok = TextTokenizer.from_sentencepiece(hf_dir / "tokenizer.model")
+    sp_file = next((hf_dir / n for n in ("tokenizer.model", "spiece.model") if (hf_dir / n).exists()), None)
+    if sp_file is not None:  # Llama / Mistral ship tokenizer.model, T5 spiece.model
+        tok = TextTokenizer.from_sentencepiece(sp_file)
     elif (hf_dir / "tokenizer.json").exists():
         try:
             import tokenizers
