@@ -16,8 +16,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxtx import kernels
+from jaxtx import kernels, sharding
 from jaxtx.config import ModelConfig
+from jaxtx.kernels.dispatch import select_backend
 from jaxtx.layers.common import Dense, constrain, dtype_of
 from jaxtx.layers.positions import apply_rope
 
@@ -28,6 +29,20 @@ def quantize_int8(x, axis=-1):
     scale = jnp.max(jnp.abs(xf), axis=axis) / 127.0
     q = jnp.round(xf / jnp.expand_dims(jnp.where(scale == 0, 1.0, scale), axis))
     return jnp.clip(q, -127, 127).astype(jnp.int8), scale
+
+
+def _sharded_kernel(cfg: ModelConfig, q, k, bias):
+    """kernels.attention, wrapped in shard_map when it will run a Pallas/cuDNN kernel under a multi-device mesh.
+
+    Pallas (Mosaic/Triton) and cuDNN calls are single-device and cannot be partitioned by GSPMD; the XLA and blockwise
+    paths are plain jnp and are partitioned like the rest of the model, so they stay unwrapped.
+    """
+    backend = cfg.attention_backend
+    if backend == "auto":
+        backend = select_backend(q, k, bias=bias)
+    if backend in ("pallas_tpu", "pallas_gpu", "cudnn"):
+        return sharding.shard_map_attention(kernels.attention)  # unchanged without an active multi-device mesh
+    return kernels.attention
 
 
 class Attention(nn.Module):
@@ -58,9 +73,9 @@ class Attention(nn.Module):
                 v = proj("v", enc, K, ("kv_heads", "head_dim"))
                 if cache is not None:
                     new_cache = dict(cache, cross_k=k, cross_v=v)
-            o = kernels.attention(q, k, v, causal=False, segment_ids=jnp.ones(q.shape[:2], jnp.int32),
-                                  kv_segment_ids=ctx["enc_mask"], softmax_scale=cfg.softmax_scale,
-                                  backend=cfg.attention_backend)
+            attn = _sharded_kernel(cfg, q, k, None)
+            o = attn(q, k, v, causal=False, segment_ids=jnp.ones(q.shape[:2], jnp.int32),
+                     kv_segment_ids=ctx["enc_mask"], softmax_scale=cfg.softmax_scale, backend=cfg.attention_backend)
         else:
             k = proj("k", x_BTD, K, ("kv_heads", "head_dim"))
             v = proj("v", x_BTD, K, ("kv_heads", "head_dim"))
@@ -69,10 +84,10 @@ class Attention(nn.Module):
                 q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
             if cache is None:
-                o = kernels.attention(q, k, v, causal=self.causal, window=cfg.window,
-                                      segment_ids=ctx.get("segment_ids"), kv_segment_ids=ctx.get("kv_segment_ids"),
-                                      alibi_slopes=ctx.get("alibi"), bias=ctx.get("bias"),
-                                      softmax_scale=cfg.softmax_scale, backend=cfg.attention_backend)
+                attn = _sharded_kernel(cfg, q, k, ctx.get("bias"))
+                o = attn(q, k, v, causal=self.causal, window=cfg.window, segment_ids=ctx.get("segment_ids"),
+                         kv_segment_ids=ctx.get("kv_segment_ids"), alibi_slopes=ctx.get("alibi"), bias=ctx.get("bias"),
+                         softmax_scale=cfg.softmax_scale, backend=cfg.attention_backend)
             else:
                 o, new_cache = self._cached(q, k, v, ctx, cache)
         out = Dense(cfg, (H, cfg.hd, cfg.d_model), ("heads", "head_dim", "embed"), "BTHh,HhD->BTD", 2, cfg.out_bias,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from jaxtx.config import ModelConfig
 from jaxtx.layers.attention import Attention
@@ -20,14 +21,37 @@ REMAT_POLICIES = {
 }
 
 
+SELF_KEYS = ("k", "v", "k_scale", "v_scale")  # self-attention cache: read and written every step
+CROSS_KEYS = ("cross_k", "cross_v")  # cross-attention K/V: computed once (first call), then read-only
+
+
+def _index(tree, i):
+    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False), tree)
+
+
+def _update(tree, new, i):
+    return jax.tree.map(lambda a, n: jax.lax.dynamic_update_index_in_dim(a, n.astype(a.dtype), i, 0), tree, new)
+
+
 class Block(nn.Module):
+    """carry = (x [B, T, D], self-attention cache stacked over layers [L, ...] or None, layer index i).
+
+    The whole stacked cache rides in the carry and layer i updates its slice in place (dynamic_update_index): as a
+    scan output it would be a second full copy of the cache every decode step. Read-only cross-attention K/V come in
+    `xs` (this layer's slice); when they are not cached yet they are computed and returned as the scan output.
+    """
+
     cfg: ModelConfig
     causal: bool = True
     cross: bool = False  # add encoder-decoder cross-attention (T5 decoder)
 
     @nn.compact
-    def __call__(self, x_BTD, cache, ctx, deterministic):
+    def __call__(self, carry, xs, ctx, deterministic):
         cfg = self.cfg
+        x_BTD, self_cache, i = carry
+        cache = None
+        if self_cache is not None:
+            cache = {**_index(self_cache, i), **(xs or {})}
         pre = cfg.norm_position == "pre"
 
         def residual(x, norm_name, fn):
@@ -47,7 +71,13 @@ class Block(nn.Module):
             x_BTD = residual(x_BTD, "cross_norm", attn("cross_attn", True))
         ffn = MoE(cfg, name="moe") if cfg.is_moe else Mlp(cfg, name="mlp")
         x_BTD = residual(x_BTD, "mlp_norm", ffn)
-        return constrain(x_BTD, ("batch", "length", "embed")), cache
+        x_BTD = constrain(x_BTD, ("batch", "length", "embed"))
+        ys = None
+        if self_cache is not None:
+            self_cache = _update(self_cache, {n: cache[n] for n in self_cache}, i)
+            if self.cross and not xs:
+                ys = {n: cache[n] for n in CROSS_KEYS}
+        return (x_BTD, self_cache, i + 1), ys
 
 
 def make_layers(cfg: ModelConfig, n_layers: int, *, causal: bool, cross: bool = False):
@@ -66,14 +96,20 @@ def make_layers(cfg: ModelConfig, n_layers: int, *, causal: bool, cross: bool = 
 
 
 def run_layers(layers, x_BTD, caches, ctx, deterministic):
-    """Apply the stack; `caches` is a dict of per-layer arrays stacked on axis 0 (or None)."""
-    if not isinstance(layers, (list, tuple)):
-        return layers(x_BTD, caches, ctx, deterministic)
-    outs = []
-    for i, layer in enumerate(layers):
-        c = None if caches is None else jax.tree.map(lambda a: a[i], caches)
-        x_BTD, c = layer(x_BTD, c, ctx, deterministic)
-        outs.append(c)
+    """Apply the stack; `caches` is a dict of per-layer arrays stacked on axis 0 (or None). Returns (x, caches)."""
+    self_cache = xs = None
+    if caches is not None:
+        self_cache = {n: a for n, a in caches.items() if n in SELF_KEYS}
+        xs = {n: a for n, a in caches.items() if n in CROSS_KEYS} or None
+    carry = (x_BTD, self_cache, jnp.zeros((), jnp.int32))
+    if isinstance(layers, (list, tuple)):
+        outs = []
+        for j, layer in enumerate(layers):
+            carry, y = layer(carry, None if xs is None else jax.tree.map(lambda a: a[j], xs), ctx, deterministic)
+            outs.append(y)
+        ys = None if outs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+    else:
+        carry, ys = layers(carry, xs, ctx, deterministic)
     if caches is None:
-        return x_BTD, None
-    return x_BTD, jax.tree.map(lambda *a: jax.numpy.stack(a), *outs)
+        return carry[0], None
+    return carry[0], {**carry[1], **(xs or {}), **(ys or {})}

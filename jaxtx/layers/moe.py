@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxtx import moe_parallel
 from jaxtx.config import ModelConfig, expert_capacity
 from jaxtx.layers.common import activation, constrain, dtype_of, param
 
@@ -99,7 +100,9 @@ class MoE(nn.Module):
         logits = jnp.einsum("BTD,DE->BTE", x.astype(jnp.float32), router.astype(jnp.float32))
         probs, w, e = route(logits.reshape(B * T, E), k)
         aux, z = router_losses(logits.reshape(B * T, E), probs, e, E)
-        if cfg.capacity_factor is None:
+        if moe_parallel.ep_active():  # an `expert` mesh axis is in context: all_to_all dispatch (both modes)
+            y, dropped = moe_parallel.dispatch_combine(x, w.reshape(B, T, k), e.reshape(B, T, k), weights, cfg)
+        elif cfg.capacity_factor is None:
             y, dropped = experts_dropless(x.reshape(B * T, D), w, e, weights, cfg)
             y = y.reshape(B, T, D)
         else:
