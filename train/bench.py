@@ -95,7 +95,7 @@ def bench_torch(run_cfg, steps: int, peak: float, flops_per_token: float) -> dic
     med = statistics.median(times)
     return {"system": f"torch {torch.__version__} + transformers (cpu, float32)", "step_s": med,
             "tokens_per_s": tokens / med, "mfu": tokens / med * flops_per_token / peak, "compile_s": 0.0,
-            "params": sum(p.numel() for p in model.parameters()), "loss": float(loss)}
+            "params": sum(p.numel() for p in model.parameters()), "loss": loss.item()}
 
 
 def run(args) -> int:

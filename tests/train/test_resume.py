@@ -77,6 +77,8 @@ def test_kill_then_sigterm_then_resume_is_bitwise_identical(reference, tmp_path)
     _assert_same(reference, out)
     assert (out / "loss.png").stat().st_size > 1000 and (out / "tokenizer.model").exists()
     assert list((out / "tb").glob("events*")) and (out / "config.yaml").exists()
+    kept = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept == [STEPS - 10, STEPS - 5, STEPS]  # keep_ckpts=3: the newest three
 
 
 def test_unreadable_newest_checkpoint_falls_back(reference, tmp_path):
