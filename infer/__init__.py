@@ -2,9 +2,9 @@
 `embed` (encoder-only), and the pure samplers in `jaxtx.infer.sampling`. See infer/README.md."""
 from jaxtx.infer.beam import BeamResult, beam_search
 from jaxtx.infer.embed import embed
-from jaxtx.infer.generation import Generation, generate, stream
+from jaxtx.infer.generation import Generation, for_decoding, generate, stream
 from jaxtx.infer.sampling import GREEDY, Sampling
 from jaxtx.infer.speculative import SpeculativeResult, speculative_generate
 
-__all__ = ["GREEDY", "BeamResult", "Generation", "Sampling", "SpeculativeResult", "beam_search", "embed", "generate",
+__all__ = ["GREEDY", "BeamResult", "Generation", "Sampling", "SpeculativeResult", "beam_search", "embed", "for_decoding", "generate",
            "speculative_generate", "stream"]

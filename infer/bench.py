@@ -27,6 +27,8 @@ def register(bench_subparsers) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--int8-kv", action="store_true", help="int8 KV cache")
     p.add_argument("--baseline", choices=["none", "torch"], default="none")
+    p.add_argument("--scan", action="store_true",
+                   help="decode with the scanned layer stack (default: unrolled, see infer.generation.for_decoding)")
     p.add_argument("--speculative", type=int, default=0, metavar="K",
                    help="also time speculative greedy decoding at batch 1 with K drafted tokens per round")
     p.add_argument("--draft-layers", type=int, default=2,
@@ -220,8 +222,10 @@ def run(args) -> int:
               f"max |dlogit| {dmax:.3f}; cache {bq / bf:.0%} of f32 ({2 * bq / bf:.0%} of bf16)")
     hdr = f"{'system':<8}{'batch':>6}{'TTFT ms':>10}{'decode tok/s':>14}{'ms/step':>9}{'roofline':>10}"
     print(hdr)
+    from jaxtx.infer.generation import for_decoding
+    dmodel, dparams = (model, params) if args.scan else for_decoding(model, params)
     for B in args.batch:
-        ttft_f, gen_f, max_len = _jax_runner(model, params, B, T, N, args.int8_kv)
+        ttft_f, gen_f, max_len = _jax_runner(dmodel, dparams, B, T, N, args.int8_kv)
         ttft = _median_time(ttft_f, args.repeats)
         total = _median_time(gen_f, args.repeats)
         step = (total - ttft) / (N - 1)

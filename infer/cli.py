@@ -86,7 +86,10 @@ def run(args) -> int:
     from jaxtx.infer import loading
 
     loaded = loading.load_run(args.run, args.step) if args.run else loading.load_hf(args.hf)
+    from jaxtx.infer.generation import for_decoding
     model, params, tok = loaded.model, loaded.params, loaded.tokenizer
+    if not args.draft:  # speculative decoding takes the scanned layout: its verify pass is multi-token anyway
+        model, params = for_decoding(model, params)
     prompts, _ = _prompts(args, tok, loaded.source, model.cfg.kind == "encoder_decoder")
     if tok is not None and tok.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"tokenizer has {tok.vocab_size} pieces but the model's vocab_size={model.cfg.vocab_size}")

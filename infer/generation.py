@@ -241,3 +241,17 @@ def stream(model, params, prompts, *, max_new_tokens: int, sampling: S.Sampling 
         yield np.asarray(tok)[: d["n"]]
         if np.asarray(done)[: d["n"]].all():
             return
+
+
+def for_decoding(model, params):
+    """(model, params) laid out for fast decoding: scanned layers unrolled.
+
+    With `scan_layers`, the core layer scan passes the stacked KV cache through the scan as input/output slices, so
+    XLA writes a fresh copy of the whole cache every step (measured: 12 layers, 125M, S=256: 46 -> 35 ms/step at batch
+    1, 174 -> 86 ms/step at batch 8). Unrolled layers update the cache in place. Same math, same tokens; costs one copy
+    of the params. Drop this once the core scan carries the cache.
+    """
+    from jaxtx import model as M
+    if model.cfg.kind != "decoder" or not model.cfg.scan_layers:
+        return model, params
+    return M.build(model.cfg.replace(scan_layers=False)), M.unstack_layers(params)

@@ -144,3 +144,12 @@ def test_padded_array_prompts_with_lengths():
     a = generate(model, params, arr, lengths=[3, 5], max_new_tokens=4)
     b = generate(model, params, [[5, 17, 3], [9, 1, 2, 60, 33]], max_new_tokens=4)
     assert a.tokens == b.tokens
+
+
+def test_for_decoding_layout_gives_the_same_tokens():
+    model, params = small_model("llama")
+    fast_model, fast_params = G.for_decoding(model, params)
+    assert not fast_model.cfg.scan_layers and "layers_1" in fast_params
+    prompts = [[5, 17, 3], [9, 1, 2, 60, 33, 7, 8]]
+    assert generate(fast_model, fast_params, prompts, max_new_tokens=8).tokens == \
+        generate(model, params, prompts, max_new_tokens=8).tokens
