@@ -11,6 +11,10 @@ def register_train(subparsers) -> None:
                               description=__doc__)
     p.add_argument("config", help="run config: a YAML path, or a name under configs/ (tiny) or configs/runs/ (sft)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200 model.n_layers=2 out_dir=runs/x")
+    g = p.add_argument_group("multi-process (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID)")
+    g.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
+    g.add_argument("--num-processes", type=int, default=None, help="number of processes")
+    g.add_argument("--process-id", type=int, default=None, help="this process's index, 0 .. N-1")
     p.set_defaults(func=run)
 
 
@@ -25,7 +29,11 @@ def run(args) -> int:
     from jaxtx.config import ConfigError
     from jaxtx.train.config import load_run_config
     from jaxtx.train.loop import NonFiniteError, train
+    from jaxtx.sharding import initialize_distributed
     try:
+        # before any other jax use: jax.distributed must come first
+        initialize_distributed(getattr(args, "coordinator", None), getattr(args, "num_processes", None),
+                               getattr(args, "process_id", None))
         cfg = load_run_config(args.config, args.overrides)
         setup_jax_cache()
         out = train(cfg)

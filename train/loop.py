@@ -116,6 +116,9 @@ class _Signals:
 def train(run_cfg: RunConfig, log=print) -> dict:
     """Run (or resume) a training run. Returns a summary dict; raises ConfigError / NonFiniteError."""
     t_start = time.time()
+    main_process = jax.process_index() == 0  # only process 0 logs and writes metrics; checkpoints are collective
+    if not main_process:
+        log = lambda *a, **k: None  # noqa: E731
     cfg = resolve_model_config(run_cfg)
     t = run_cfg.train
     run_dir = Path(run_cfg.out_dir)
@@ -141,24 +144,27 @@ def train(run_cfg: RunConfig, log=print) -> dict:
             log(f"params from {t.init_from}")
         state = init_train_state(model, cfg, run_cfg, optimizer, mesh, rules, jax.random.key(t.seed), params=init)
 
-    n_proc, proc = jax.process_count(), jax.process_index()
-    it = jdata.train_iterator(data.train_rows, run_cfg, t.batch_size // n_proc, data.span_fn, shard=(proc, n_proc))
+    # Each process loads exactly the global-batch rows its devices hold (processes that share rows, e.g. when a
+    # tensor axis spans processes, load the same rows); the row block [lo, hi) is shard lo // (hi - lo).
+    b_sh = shd.batch_sharding(mesh, rules)
+    lo, hi = shd.process_rows(b_sh, t.batch_size)
+    local_b, shard = hi - lo, (lo // (hi - lo), t.batch_size // (hi - lo))
+    it = jdata.train_iterator(data.train_rows, run_cfg, local_b, data.span_fn, shard=shard)
     if meta is not None:
         it.set_state(meta["data"])
     objective = make_objective(model, cfg, t, mask_id=data.tokenizer.mask_id, tok_vocab=data.tokenizer.vocab_size)
     step_fn = make_train_step(model, cfg, run_cfg, optimizer, objective=objective, mesh=mesh, rules=rules,
                               shardings=shardings)
     eval_fn = make_eval_step(model, cfg, run_cfg, objective=objective)
-    evals = jdata.eval_batches(data.eval_rows, run_cfg, t.batch_size // n_proc, data.span_fn, shard=(proc, n_proc))
-    b_sh = shd.batch_sharding(mesh, rules)
+    evals = jdata.eval_batches(data.eval_rows, run_cfg, local_b, data.span_fn, shard=shard)
     to_device = lambda b: {k: jax.make_array_from_process_local_data(b_sh, np.asarray(v)) for k, v in b.items()}  # noqa
 
-    writer = jmetrics.MetricsWriter(run_dir, start)
+    writer = jmetrics.MetricsWriter(run_dir, start, enabled=main_process)
     tokens_per_step = t.batch_size * t.seq_len
     flops_per_token = jmetrics.train_flops_per_token(cfg, t.seq_len)
     peak = jmetrics.total_peak_flops(mesh.devices.flat)
     bar = None
-    if t.progress:
+    if t.progress and main_process:
         from tqdm import tqdm
         bar = tqdm(total=t.steps, initial=start, desc="train", dynamic_ncols=True, file=sys.stderr)
     clock = {"t": None, "step": start}
@@ -245,7 +251,7 @@ def train(run_cfg: RunConfig, log=print) -> dict:
                 bar.close()
         step_done = int(jax.device_get(state["step"]))
         samples = _samples(model, cfg, state["params"], data, run_cfg) if status == "done" else []
-    if status == "done":
+    if status == "done" and main_process:
         jmetrics.plot_losses(run_dir, data.unigram_entropy)
     return {"status": status, "step": step_done, "train_loss": last["loss"], "eval_loss": last["eval_loss"],
             "unigram_entropy": data.unigram_entropy, "wall_s": time.time() - t_start, "samples": samples,

@@ -101,7 +101,13 @@ def _summary_writer_class():
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: str | Path, start_step: int, tensorboard: bool = True):
+    """metrics.jsonl / eval.jsonl / TensorBoard. Only process 0 of a multi-process run writes (enabled=True)."""
+
+    def __init__(self, run_dir: str | Path, start_step: int, tensorboard: bool = True, enabled: bool = True):
+        self.enabled = enabled
+        self.files, self.tb = {}, None
+        if not enabled:
+            return
         self.dir = Path(run_dir)
         self.paths = {"train": self.dir / "metrics.jsonl", "eval": self.dir / "eval.jsonl"}
         for p in self.paths.values():
@@ -113,6 +119,8 @@ class MetricsWriter:
             self.tb = SummaryWriter(str(self.dir / "tb"), purge_step=start_step + 1 if start_step else None)
 
     def write(self, kind: str, record: dict) -> None:
+        if not self.enabled:
+            return
         f = self.files[kind]
         f.write(json.dumps(record) + "\n")
         f.flush()
