@@ -257,7 +257,9 @@ def param_shardings(model: nn.Module, mesh: Mesh, rules: Rules, *init_args, **in
     their NamedSharding (ready for AOT lowering or an Orbax restore target)."""
     boxed = jax.eval_shape(lambda r: model.init(r, *init_args, **init_kwargs), jax.random.key(0))["params"]
     specs = nn.get_partition_spec(boxed)  # logical names per param (P() for unboxed leaves)
-    abstract = nn.unbox(boxed)
+    # .value, not nn.unbox: unbox applies sharding constraints when a mesh is in context, which fails on abstract values
+    is_box = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
+    abstract = jax.tree.map(lambda x: x.value if is_box(x) else x, boxed, is_leaf=is_box)
 
     def one(path, spec, leaf):
         return NamedSharding(mesh, logical_to_spec(tuple(spec), rules, mesh, shape=leaf.shape,

@@ -319,3 +319,16 @@ def test_dispatch_combine_matches_single_device(cf):
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
         np.testing.assert_allclose(a, b, atol=2e-5)
     assert not moe_parallel.ep_active()  # outside the mesh context
+
+
+def test_param_shardings_inside_and_outside_the_mesh_context_agree():
+    """Abstract params are read off the boxes, never unboxed with constraints (which fails inside use_mesh)."""
+    from jaxtx import model as M
+    cfg = load_model_config("tiny", SMALL)
+    m = M.build(cfg)
+    mc = S.MeshConfig(data=2, fsdp=2, tensor=2)
+    mesh, rules = S.make_mesh(mc), S.rules_for(mc)
+    _, outside = S.param_shardings(m, mesh, rules, *M.dummy_inputs(cfg))
+    with S.use_mesh(mesh, rules):
+        _, inside = S.param_shardings(m, mesh, rules, *M.dummy_inputs(cfg))
+    assert jax.tree.all(jax.tree.map(lambda a, b: a == b, outside, inside))
