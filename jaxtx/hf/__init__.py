@@ -267,13 +267,19 @@ def save_jaxtx(cfg: ModelConfig, params: dict, path) -> None:
 
 
 def load_jaxtx(path) -> tuple[ModelConfig, dict]:
-    """Inverse of save_jaxtx: (config, params) restored in the layout and dtype the config declares."""
+    """Inverse of save_jaxtx: (config, params) restored in the layout and dtype the config declares. A training run
+    dir (config.yaml + checkpoints/) is read too: its newest finished checkpoint."""
     import flax.linen as nn
     import orbax.checkpoint as ocp
 
     import jaxtx.config
     import jaxtx.model
+    from jaxtx import run_dir
+
     path = Path(path).resolve()
+    if run_dir.is_run_dir(path):
+        cfg, params, _ = run_dir.load_params(path)
+        return cfg, params
     cfg = jaxtx.config.from_dict(json.loads((path / "config.json").read_text()), str(path / "config.json"))
     abstract = nn.unbox(jaxtx.model.abstract_params(jaxtx.model.build(cfg)))
     return cfg, ocp.StandardCheckpointer().restore(path / "params", abstract)
@@ -282,7 +288,9 @@ def load_jaxtx(path) -> tuple[ModelConfig, dict]:
 def add_convert_args(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--from-hf", metavar="DIR", help="HF directory (config.json + *.safetensors) to read")
-    src.add_argument("--from-jaxtx", metavar="DIR", help="jaxtx directory (config.json + orbax params/) to read")
+    src.add_argument("--from-jaxtx", metavar="DIR",
+                     help="jaxtx directory (config.json + orbax params/, as --from-hf writes) or a training run dir "
+                          "(its newest checkpoint)")
     parser.add_argument("--to", required=True, metavar="DIR", help="output directory")
     parser.add_argument("--to-hf", action="store_true", help="write an HF directory (with --from-jaxtx)")
 

@@ -296,3 +296,25 @@ def test_save_refuses_params_that_do_not_fit(tmp_path):
     with pytest.raises(jaxtx.hf.HFConversionError) as e:
         jaxtx.hf.save(model, bad, tmp_path)
     assert "final_norm/scale" in str(e.value) and "extra/kernel" in str(e.value)
+
+
+def test_convert_a_training_run_dir_to_hf(tmp_path):
+    """`jaxtx convert --from-jaxtx RUN_DIR --to-hf` reads the layout `jaxtx train` writes (newest checkpoint)."""
+    import orbax.checkpoint as ocp
+    import yaml
+
+    from jaxtx.cli import main
+
+    model, params = loaded("llama")
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"preset": "x", **model.cfg.to_dict()}}))
+    old = jax.tree.map(jnp.zeros_like, params)
+    with ocp.CheckpointManager(run / "checkpoints") as m:
+        for step, p in [(3, old), (9, params)]:
+            state = {"step": np.int32(step), "params": p, "opt_state": {"mu": jax.tree.map(jnp.zeros_like, p)}}
+            m.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+        m.wait_until_finished()
+    assert main(["convert", "--from-jaxtx", str(run), "--to-hf", "--to", str(tmp_path / "hf")]) == 0
+    _, back = jaxtx.hf.load(tmp_path / "hf")
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), back, params)
