@@ -51,6 +51,22 @@ def _median_time(fn, repeats):
     return statistics.median(ts)
 
 
+def _paired(ttft_fn, gen_fn, repeats):
+    """(median TTFT, median per-pair (generate - TTFT)): pairing the two runs cancels most of the drift of a shared
+    machine, which made the difference of two separate medians noisy (even negative)."""
+    ttft_fn(), gen_fn()  # warm-up (compile)
+    firsts, rests = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        ttft_fn()
+        t1 = time.perf_counter()
+        gen_fn()
+        t2 = time.perf_counter()
+        firsts.append(t1 - t0)
+        rests.append(max((t2 - t1) - (t1 - t0), 1e-9))
+    return statistics.median(firsts), statistics.median(rests)
+
+
 def measure_bandwidth(n_bytes=512 << 20, repeats=5) -> float:
     """Read bandwidth in bytes/s: a jitted sum over a float32 array much larger than the caches."""
     import jax
@@ -226,18 +242,16 @@ def run(args) -> int:
     dmodel, dparams = (model, params) if args.scan else for_decoding(model, params)
     for B in args.batch:
         ttft_f, gen_f, max_len = _jax_runner(dmodel, dparams, B, T, N, args.int8_kv)
-        ttft = _median_time(ttft_f, args.repeats)
-        total = _median_time(gen_f, args.repeats)
-        step = (total - ttft) / (N - 1)
+        ttft, rest = _paired(ttft_f, gen_f, args.repeats)
+        step = rest / (N - 1)
         itemsize = 1 if args.int8_kv else 4
         kv_bytes = 2 * cfg.n_layers * B * cfg.kv_heads * max_len * cfg.hd * itemsize
         frac = (w_bytes + kv_bytes) / bw / step
         print(f"{'jaxtx':<8}{B:>6}{ttft * 1e3:>10.1f}{B / step:>14.1f}{step * 1e3:>9.2f}{frac:>9.0%}")
         if torch_ok:
             tt_f, tg_f = _torch_runner(cfg, B, T, N)
-            tttft = _median_time(tt_f, args.repeats)
-            ttotal = _median_time(tg_f, args.repeats)
-            tstep = (ttotal - tttft) / (N - 1)
+            tttft, trest = _paired(tt_f, tg_f, args.repeats)
+            tstep = trest / (N - 1)
             print(f"{'torch':<8}{B:>6}{tttft * 1e3:>10.1f}{B / tstep:>14.1f}{tstep * 1e3:>9.2f}"
                   f"{(w_bytes + kv_bytes) / bw / tstep:>9.0%}   jaxtx/torch decode {tstep / step:.2f}x, "
                   f"TTFT {tttft / ttft:.2f}x")
