@@ -16,7 +16,8 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
+from jaxtx import run_dir as run_dir_lib
+from jaxtx.config import ConfigError
 
 
 class LoadError(ValueError):
@@ -61,44 +62,22 @@ class TextTokenizer:
 
 
 def is_run_dir(path: Path) -> bool:
-    return (path / "config.yaml").exists() and (path / "checkpoints").is_dir()
+    return run_dir_lib.is_run_dir(path)
 
 
 def load_run(run_dir, step: Optional[int] = None) -> Loaded:
-    import flax.linen as nn
-    import orbax.checkpoint as ocp
-
+    """Model, newest (or `step`) checkpoint params and tokenizer of a training run dir (format: jaxtx.run_dir)."""
     import jaxtx.model
-    from jaxtx.config import from_dict
 
     run_dir = Path(run_dir).absolute()
     if not is_run_dir(run_dir):
         raise LoadError(f"--run {run_dir}: not a training run dir (expected config.yaml and checkpoints/)")
-    resolved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    if not isinstance(resolved.get("model"), dict):
-        raise LoadError(f"{run_dir / 'config.yaml'}: no `model:` section with the resolved ModelConfig")
-    fields = {k: v for k, v in resolved["model"].items() if k != "preset"}
-    cfg = from_dict(fields, str(run_dir / "config.yaml"))
+    try:
+        cfg, params, step = run_dir_lib.load_params(run_dir, step)
+        _, resolved = run_dir_lib.run_config(run_dir)
+    except ConfigError as e:
+        raise LoadError(str(e)) from None
     model = jaxtx.model.build(cfg)
-    ckpt_dir = run_dir / "checkpoints"
-    steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit() and (p / "state").exists())
-    if not steps:
-        raise LoadError(f"{ckpt_dir}: no finished checkpoint (expected <step>/state)")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise LoadError(f"--step {step}: not in {ckpt_dir} (have {steps})")
-    target = {"params": nn.unbox(jaxtx.model.abstract_params(model))}
-    restore = ocp.args.PyTreeRestore(item=target, partial_restore=True,
-                                     restore_args=ocp.checkpoint_utils.construct_restore_args(target))
-    with ocp.CheckpointManager(ckpt_dir) as mngr:
-        params = mngr.restore(step, args=ocp.args.Composite(state=restore))["state"]["params"]
-    import jax
-    bad = [f"{jax.tree_util.keystr(k)}: checkpoint {tuple(a.shape)} vs config {tuple(b.shape)}"
-           for (k, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(target["params"]))
-           if tuple(a.shape) != tuple(b.shape)]
-    if bad:
-        raise LoadError(f"{ckpt_dir}/{step}: params do not match {run_dir / 'config.yaml'}: " + "; ".join(bad[:5]))
     tok_path = (resolved.get("data") or {}).get("tokenizer") or run_dir / "tokenizer.model"
     tok = TextTokenizer.from_sentencepiece(Path(tok_path)) if Path(tok_path).exists() else None
     return Loaded(model, params, tok, "run", step)
