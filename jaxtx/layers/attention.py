@@ -13,7 +13,6 @@ quantized). The model computes, once for all layers, the slot each new token is 
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from jaxtx import kernels, sharding

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxtx.kernels.flash_attention.common import (MASK_VALUE, BlockSizes, MaskSpec, alibi_block, block_visibility,
-                                                  canonical_segments, check_inputs, element_mask, pad_axis, round_up)
+                                                  check_inputs, element_mask, pad_axis, padded_segments, round_up)
 
 DEFAULT_BLOCK_SIZES = BlockSizes(block_q=512, block_k=512)
 
@@ -204,11 +204,7 @@ def blockwise_attention(q, k, v, *, causal=False, window=None, segment_ids=None,
     Tp, Sp = round_up(T, bq), round_up(S, bk)
     scale = float(Hd ** -0.5 if softmax_scale is None else softmax_scale)
     spec = MaskSpec(causal=bool(causal), window=window, kv_len=S, scale=scale)
-    q_seg, kv_seg = canonical_segments(segment_ids, kv_segment_ids)
-    if kv_seg is not None and q_seg is None:
-        q_seg = jnp.ones((B, T), jnp.int32)
-    # Edge padding keeps per-block segment ranges tight (padded keys are masked by kv_len anyway).
-    q_seg, kv_seg = pad_axis(q_seg, 1, Tp, "edge"), pad_axis(kv_seg, 1, Sp, "edge")
+    q_seg, kv_seg = padded_segments(segment_ids, kv_segment_ids, B, T, Tp, Sp)
     if bias is not None:
         bias = pad_axis(pad_axis(bias, 2, Tp), 3, Sp)
     o = _flash(pad_axis(q, 1, Tp), pad_axis(k, 1, Sp), pad_axis(v, 1, Sp), q_seg, kv_seg, alibi_slopes, bias,

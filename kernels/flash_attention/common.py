@@ -120,6 +120,15 @@ def canonical_segments(segment_ids, kv_segment_ids):
     return q, kv
 
 
+def padded_segments(segment_ids, kv_segment_ids, B: int, T: int, Tp: int, Sp: int):
+    """(q_seg [B, Tp], kv_seg [B, Sp]) or (None, None): canonical ids, all-ones query ids when only keys are padded,
+    edge-padded so per-block segment ranges stay tight (padded keys are masked by kv_len anyway)."""
+    q_seg, kv_seg = canonical_segments(segment_ids, kv_segment_ids)
+    if kv_seg is not None and q_seg is None:
+        q_seg = jnp.ones((B, T), jnp.int32)
+    return pad_axis(q_seg, 1, Tp, "edge"), pad_axis(kv_seg, 1, Sp, "edge")
+
+
 def element_mask(q_idx, k_idx, q_seg, kv_seg, spec: MaskSpec, *, padded_kv: bool):
     """Visibility of keys k_idx [bk] to queries q_idx [bq] -> bool [..., bq, bk] (leading dims from the segment ids
     q_seg [..., bq] / kv_seg [..., bk]) or None when everything is visible."""

@@ -21,8 +21,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jaxtx.kernels.flash_attention.common import (MASK_VALUE, BlockSizes, MaskSpec, alibi_block, canonical_segments,
-                                                  check_inputs, element_mask, pad_axis, round_up)
+from jaxtx.kernels.flash_attention.common import (MASK_VALUE, BlockSizes, MaskSpec, alibi_block, check_inputs,
+                                                  element_mask, pad_axis, padded_segments, round_up)
 
 DEFAULT_BLOCK_SIZES = BlockSizes(block_q=64, block_k=64, block_q_bwd=32, block_k_bwd=32)
 
@@ -312,10 +312,7 @@ def flash_attention_gpu(q, k, v, *, causal=False, window=None, segment_ids=None,
     Hdp = _pow2_at_least(Hd)
     scale = float(Hd ** -0.5 if softmax_scale is None else softmax_scale)
     spec = MaskSpec(causal=bool(causal), window=window, kv_len=S, scale=scale)
-    q_seg, kv_seg = canonical_segments(segment_ids, kv_segment_ids)
-    if kv_seg is not None and q_seg is None:
-        q_seg = jnp.ones((B, T), jnp.int32)
-    q_seg, kv_seg = pad_axis(q_seg, 1, Tp, "edge"), pad_axis(kv_seg, 1, Sp, "edge")
+    q_seg, kv_seg = padded_segments(segment_ids, kv_segment_ids, B, T, Tp, Sp)
     slopes = None
     if alibi_slopes is not None:
         slopes = pad_axis(alibi_slopes.astype(jnp.float32), 0, _pow2_at_least(H, 1))

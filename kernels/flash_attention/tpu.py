@@ -24,8 +24,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from jaxtx.kernels.flash_attention.common import (MASK_VALUE, BlockSizes, MaskSpec, canonical_segments, check_inputs,
-                                                  pad_axis, round_up)
+from jaxtx.kernels.flash_attention.common import (MASK_VALUE, BlockSizes, MaskSpec, check_inputs, pad_axis,
+                                                  padded_segments, round_up)
 
 DEFAULT_BLOCK_SIZES = BlockSizes(block_q=128, block_k=128)
 _NT = (((1,), (1,)), ((), ()))  # contract the last dims: a @ b.T
@@ -356,10 +356,7 @@ def flash_attention_tpu(q, k, v, *, causal=False, window=None, segment_ids=None,
                              f"or cover the whole padded S={Sp}")
     scale = float(Hd ** -0.5 if softmax_scale is None else softmax_scale)
     spec = MaskSpec(causal=bool(causal), window=window, kv_len=S, scale=scale)
-    q_seg, kv_seg = canonical_segments(segment_ids, kv_segment_ids)
-    if kv_seg is not None and q_seg is None:
-        q_seg = jnp.ones((B, T), jnp.int32)
-    q_seg, kv_seg = pad_axis(q_seg, 1, Tp, "edge"), pad_axis(kv_seg, 1, Sp, "edge")
+    q_seg, kv_seg = padded_segments(segment_ids, kv_segment_ids, B, T, Tp, Sp)
     cfg = (spec, bq, bk, Tp // bq, Sp // bk, q_seg is not None, alibi_slopes is not None, Sp != S)
     # [B, T, H, Hd] -> [B, H, T, Hd]: tiles are (sequence, head-dim) = (sublane, lane) on the TPU.
     qt = pad_axis(q, 1, Tp).transpose(0, 2, 1, 3)
