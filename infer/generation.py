@@ -49,14 +49,15 @@ class DecodeState(NamedTuple):
 
 
 def _step_fn(model, params, enc=None, enc_mask=None):
-    """(ids [B, T], pos [B, T], cache) -> (logits [B, T, V], cache) for the model's family."""
+    """(ids [B, T], pos [B, T], cache, logits_at=None) -> (logits [B, T|N, V], cache) for the model's family."""
     if model.cfg.kind == "encoder_decoder":
-        return lambda ids, pos, cache: model.apply({"params": params}, ids, enc, enc_mask, positions=pos, cache=cache,
-                                                   method="decode")
+        return lambda ids, pos, cache, logits_at=None: model.apply(
+            {"params": params}, ids, enc, enc_mask, positions=pos, cache=cache, logits_at=logits_at, method="decode")
     if model.cfg.kind != "decoder":
         raise ValueError(f"generate: model kind {model.cfg.kind!r} cannot generate (use jaxtx.infer.embed for "
                          "encoders)")
-    return lambda ids, pos, cache: model.apply({"params": params}, ids, positions=pos, cache=cache)
+    return lambda ids, pos, cache, logits_at=None: model.apply({"params": params}, ids, positions=pos, cache=cache,
+                                                               logits_at=logits_at)
 
 
 def cache_slots(cfg, max_len: int) -> int:
@@ -70,9 +71,9 @@ def prefill(step, cfg, ids_BT, lens_B, live_B, *, max_new, max_len, sampling, wa
     cache = KVCache.init(cfg, B, max_len, dtype=cache_dtype, quantize=quantize)
     t = jnp.arange(T)[None, :]
     pos_BT = jnp.where(t < lens_B[:, None], t, -1)
-    logits_BTV, cache = step(ids_BT, pos_BT, cache)
     last = jnp.maximum(lens_B - 1, 0)
-    logits_BV = jnp.take_along_axis(logits_BTV, last[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+    logits_B1V, cache = step(ids_BT, pos_BT, cache, logits_at=last[:, None])  # the head only at the last prompt token
+    logits_BV = logits_B1V[:, 0].astype(jnp.float32)
     seen, counts = S.init_penalty_state(ids_BT, pos_BT >= 0, cfg.vocab_size, sampling)
     return DecodeState(
         i=jnp.zeros((), jnp.int32), logits=logits_BV, cache=cache, pos=lens_B.astype(jnp.int32), done=~live_B,

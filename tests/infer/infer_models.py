@@ -58,10 +58,12 @@ class MarkovLM(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, input_ids, positions=None, cache=None):
+    def __call__(self, input_ids, positions=None, cache=None, logits_at=None):
         V = self.cfg.vocab_size
         table = self.param("table", nn.initializers.zeros, (V, V))
         logits = table[input_ids]
+        if logits_at is not None:
+            logits = jnp.take_along_axis(logits, logits_at[:, :, None], axis=1)
         return logits if cache is None else (logits, cache)
 
 

@@ -356,3 +356,12 @@ def test_decode_step_updates_the_cache_in_place():
     ma = step.lower(p, jnp.zeros((4, 1), jnp.int32), cache).compile().memory_analysis()
     assert ma.alias_size_in_bytes >= cache.bytes() * 0.99  # the donated cache is the output cache
     assert ma.temp_size_in_bytes < 0.5 * cache.bytes(), (ma.temp_size_in_bytes, cache.bytes())
+
+
+def test_logits_at_selects_positions():
+    """Prefill asks for the last prompt token only: logits_at gives exactly those rows of the full logits."""
+    cfg = small()
+    m, p, ids = setup(cfg, T=9)
+    full = m.apply({"params": p}, ids)
+    at = jnp.array([[8], [3]])
+    np.testing.assert_allclose(m.apply({"params": p}, ids, logits_at=at), full[jnp.arange(2)[:, None], at], atol=1e-5)
