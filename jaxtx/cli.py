@@ -90,7 +90,6 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    # On machines with libtpu but no TPU, jax would probe for one at import; respect an explicit choice otherwise.
     parser = make_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

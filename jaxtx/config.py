@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import importlib.resources
 import math
 import typing
@@ -173,19 +174,15 @@ class ModelConfig:
                               "sinusoidal or none")
         if self.kind != "encoder" and (self.pooler or self.mlm_head or self.type_vocab_size):
             raise ConfigError(f"ModelConfig.kind={self.kind!r}: pooler, mlm_head and type_vocab_size are encoder-only")
-        if self.kind != "decoder" and self.window is not None and self.kind == "encoder_decoder":
-            raise ConfigError("ModelConfig.window: sliding windows are supported for decoder and encoder kinds only")
+        if self.kind == "encoder_decoder" and self.window is not None:
+            raise ConfigError(f"ModelConfig.window={self.window}: sliding windows are supported for decoder and "
+                              "encoder kinds only (kind='encoder_decoder')")
 
 
-@typing.no_type_check
+@functools.cache
 def _field_types() -> dict:
-    global _FIELD_TYPES
-    if _FIELD_TYPES is None:
-        _FIELD_TYPES = typing.get_type_hints(ModelConfig)
-    return _FIELD_TYPES
-
-
-_FIELD_TYPES = None
+    """Resolved field types (the annotations are strings under `from __future__ import annotations`)."""
+    return typing.get_type_hints(ModelConfig)
 
 
 def _check_type(name: str, value: Any, tp: Any, owner: str = "ModelConfig") -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from jaxtx.kernels.reference import MASK_VALUE, alibi_bias
+from jaxtx.kernels.reference import alibi_bias, make_mask, masked_softmax
 
 
 def decode_attention(q, k, v, *, q_positions, kv_positions, window=None, alibi_slopes=None, bias=None,
@@ -35,15 +35,9 @@ def decode_attention(q, k, v, *, q_positions, kv_positions, window=None, alibi_s
         s = s + bias.reshape(bias.shape[0], K, G, T, S)
     if alibi_slopes is not None:
         s = s + alibi_bias(alibi_slopes, T, S, q_positions, kv_positions).reshape(B, K, G, T, S)
-    qp, kp = q_positions[:, None, None, :, None], kv_positions[:, None, None, None, :]
-    mask = (kp >= 0) & (kp <= qp)
-    if window is not None:
-        mask = mask & (qp - kp < window)
-    s = jnp.where(mask, s, MASK_VALUE)
-    m = jnp.max(s, axis=-1, keepdims=True)
-    p = jnp.where(mask, jnp.exp(s - m), 0.0)
-    l = jnp.sum(p, axis=-1, keepdims=True)
-    p = p / jnp.where(l == 0.0, 1.0, l)
+    # the cache path is causal by position; empty slots (position -1) are never visible
+    mask = make_mask(T, S, causal=True, window=window, q_positions=q_positions, kv_positions=kv_positions)
+    p = masked_softmax(s, mask)
     if v_scale is not None:
         p = p * v_scale.astype(jnp.float32)[:, :, None, None, :]
     vv = v if v_scale is None else v.astype(q.dtype)

@@ -49,6 +49,18 @@ def alibi_bias(alibi_slopes, T, S, q_positions=None, kv_positions=None):
     return -alibi_slopes.astype(jnp.float32)[None, :, None, None] * dist[:, None, :, :]
 
 
+def masked_softmax(s, mask):
+    """Softmax over the last axis of float32 scores; masked entries get exactly 0, and a row with no visible entry is
+    all zeros (never NaN, never the uniform average)."""
+    if mask is not None:
+        s = jnp.where(mask, s, MASK_VALUE)
+    p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+    if mask is not None:
+        p = jnp.where(mask, p, 0.0)
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    return p / jnp.where(l == 0.0, 1.0, l)
+
+
 def attention_reference(q, k, v, *, causal=False, window=None, segment_ids=None, kv_segment_ids=None,
                         alibi_slopes=None, bias=None, softmax_scale=None, q_positions=None, kv_positions=None):
     """Exact softmax attention in float32, materializing [B, K, G, T, S] scores. Returns [B, T, H, Hd] in q.dtype.
@@ -70,13 +82,6 @@ def attention_reference(q, k, v, *, causal=False, window=None, segment_ids=None,
         s = s + ab.reshape(ab.shape[0], K, G, T, S)
     mask = make_mask(T, S, causal=causal, window=window, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                      q_positions=q_positions, kv_positions=kv_positions)
-    if mask is not None:
-        s = jnp.where(mask, s, MASK_VALUE)
-    m = jnp.max(s, axis=-1, keepdims=True)
-    p = jnp.exp(s - m)
-    if mask is not None:
-        p = jnp.where(mask, p, 0.0)
-    l = jnp.sum(p, axis=-1, keepdims=True)
-    p = p / jnp.where(l == 0.0, 1.0, l)
+    p = masked_softmax(s, mask)
     o = jnp.einsum("BKGTS,BSKh->BTKGh", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return o.reshape(B, T, H, Hd).astype(q.dtype)

@@ -1,4 +1,5 @@
 """Model behaviour against closed forms and float64 numpy references (HF parity lives in test_hf.py)."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,7 +38,7 @@ def test_eval_shape_every_preset(name):
     ab = M.abstract_params(m)
     B, T = 2, 16
     ids = jax.ShapeDtypeStruct((B, T), jnp.int32)
-    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nn_unbox(ab))
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nn.unbox(ab))
     if cfg.kind == "encoder_decoder":
         out = jax.eval_shape(lambda p, i: m.apply({"params": p}, i, decoder_input_ids=i), params, ids)
         assert out.shape == (B, T, cfg.vocab_size)
@@ -49,13 +50,7 @@ def test_eval_shape_every_preset(name):
         assert out.shape == (B, T, cfg.vocab_size) and out.dtype == jnp.float32
 
 
-def nn_unbox(tree):
-    import flax.linen as nn
-    return nn.unbox(tree)
-
-
 def test_every_param_has_logical_axes():
-    import flax.linen as nn
     for name in ["tiny", "mixtral-8x7b", "bert-base", "t5-small", "gpt2"]:
         ab = M.abstract_params(M.build(load_model_config(name)))
         leaves = jax.tree.leaves(ab, is_leaf=lambda x: isinstance(x, nn.Partitioned))

@@ -96,36 +96,14 @@ def test_dense_parity(mesh_kw):
     assert p["embed"]["embedding"].sharding.spec == mu["embed"]["embedding"].sharding.spec == want
 
 
-def _route_moe_through_ep(monkeypatch):
-    """Make the model's MoE layer use jaxtx.moe_parallel whenever an expert axis is active, the way the model's EP
-    hook does (patched here so this test also covers a model without the hook)."""
-    from jaxtx.layers import moe
-    dropless, capacity = moe.experts_dropless, moe.experts_capacity
-
-    def ep_dropless(x_ND, w_Nk, e_Nk, weights, cfg):
-        if not moe_parallel.ep_active():
-            return dropless(x_ND, w_Nk, e_Nk, weights, cfg)
-        y, d = moe_parallel.dispatch_combine(x_ND[:, None], w_Nk[:, None], e_Nk[:, None], weights, cfg)
-        return y[:, 0], d  # N tokens as N sequences of 1: dropless groups are per device anyway
-
-    def ep_capacity(x_GTD, w_GTk, e_GTk, weights, cfg):
-        if not moe_parallel.ep_active():
-            return capacity(x_GTD, w_GTk, e_GTk, weights, cfg)
-        return moe_parallel.dispatch_combine(x_GTD, w_GTk, e_GTk, weights, cfg)
-
-    monkeypatch.setattr(moe, "experts_dropless", ep_dropless)
-    monkeypatch.setattr(moe, "experts_capacity", ep_capacity)
-
-
 @pytest.mark.parametrize("mesh_kw,cf", [
     pytest.param(dict(data=2, expert=4), None, marks=pytest.mark.slow, id="dp2-ep4-dropless"),
     pytest.param(dict(fsdp=2, tensor=2, expert=2), 2.0, id="fsdp2-tp2-ep2-capacity"),
 ])
-def test_moe_parity(mesh_kw, cf, monkeypatch):
+def test_moe_parity(mesh_kw, cf):
     cfg = load_model_config("tiny", SMALL + ["num_experts=4", "experts_per_token=2",
                                              f"capacity_factor={cf if cf else 'null'}"])
     ref_losses, ref_p, _ = _reference(f"moe{cf}", cfg)
-    _route_moe_through_ep(monkeypatch)
     losses, p, (_, _, _, hlo) = _train(cfg, S.MeshConfig(**{"data": 1, **mesh_kw}))
     assert "all_to_all" in hlo  # tokens really travelled to their experts
     np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)

@@ -4,7 +4,6 @@ the memory numbers reflect the sharding, and a config that cannot fit exits 1 wi
 Full-size llama3-8b / mixtral-8x7b compiles take minutes on 2 cores: they are marked slow (reduced layer counts)."""
 import importlib.util
 
-import jax
 import pytest
 
 if importlib.util.find_spec("libtpu") is None:
@@ -62,19 +61,11 @@ def test_decode_step_cache_is_split_and_donated():
     assert mem["aliased"] > 0.9 * cache and mem["fits"]
 
 
-def test_pallas_tpu_attention_compiles_sharded_only_through_shard_map(monkeypatch):
-    """The Mosaic flash kernel cannot be partitioned by GSPMD; jaxtx.sharding.shard_map_attention makes the FSDP+TP
-    train step compile with it (the model calls kernels.attention through this module attribute)."""
-    import jaxtx.layers.attention as A
-    from jaxtx import sharding as S
+def test_pallas_tpu_attention_compiles_sharded_only_through_shard_map():
+    """The Mosaic flash kernel cannot be partitioned by GSPMD; the model wraps it in jaxtx.sharding's shard_map under a
+    multi-device mesh, so the FSDP+TP train step compiles with the kernel inside."""
     run_cfg = aot.load_config("tiny", None, TINY + ["model.attention_backend=pallas_tpu", "train.seq_len=256"])
-    devices = aot.topology_devices(TOPO)
-    if "shard_map" not in open(A.__file__).read():  # the model does not wrap yet: show that it must
-        with pytest.raises(NotImplementedError, match="shard_map"):
-            aot.compile_train_step(run_cfg, devices)
-        wrapped = type("K", (), {"attention": staticmethod(S.shard_map_attention(A.kernels.attention))})
-        monkeypatch.setattr(A, "kernels", wrapped)
-    compiled, _ = aot.compile_train_step(run_cfg, devices)
+    compiled, _ = aot.compile_train_step(run_cfg, aot.topology_devices(TOPO))
     assert "tpu_custom_call" in compiled.as_text()  # the Mosaic kernel is in the step, not an XLA fallback
 
 
@@ -111,27 +102,6 @@ def test_multislice_mesh_puts_dcn_axis_across_slices():
         assert {d.slice_index for d in row} == {i}
 
 
-def _ep_hook(monkeypatch):
-    """Route the model's MoE through jaxtx.moe_parallel on an expert mesh (what the model's EP hook does)."""
-    from jaxtx import moe_parallel
-    from jaxtx.layers import moe
-    dropless, capacity = moe.experts_dropless, moe.experts_capacity
-
-    def ep_dropless(x, w, e, weights, cfg):
-        if not moe_parallel.ep_active():
-            return dropless(x, w, e, weights, cfg)
-        y, d = moe_parallel.dispatch_combine(x[:, None], w[:, None], e[:, None], weights, cfg)
-        return y[:, 0], d
-
-    def ep_capacity(x, w, e, weights, cfg):
-        if not moe_parallel.ep_active():
-            return capacity(x, w, e, weights, cfg)
-        return moe_parallel.dispatch_combine(x, w, e, weights, cfg)
-
-    monkeypatch.setattr(moe, "experts_dropless", ep_dropless)
-    monkeypatch.setattr(moe, "experts_capacity", ep_capacity)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("argv", [
     ["llama3-8b", "--topology", TOPO, "mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2", "model.n_layers=2",
@@ -139,9 +109,8 @@ def _ep_hook(monkeypatch):
     ["mixtral-8x7b", "--topology", "v5p:2x2x2", "mesh.data=1", "mesh.fsdp=2", "mesh.expert=4", "model.n_layers=2",
      "train.batch_size=8", "train.seq_len=1024"],
 ], ids=["llama3-8b-fsdp-tp", "mixtral-8x7b-fsdp-ep"])
-def test_reduced_full_width_models_fit(argv, capsys, monkeypatch):
+def test_reduced_full_width_models_fit(argv, capsys):
     """Full widths, 2 layers (each compile takes minutes here); the full-size runs are in the issue 4 report."""
-    _ep_hook(monkeypatch)
     assert main(["aot", *argv]) == 0
     out = capsys.readouterr().out
     assert "fits" in out
