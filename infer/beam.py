@@ -18,7 +18,6 @@ import numpy as np
 
 from jaxtx.infer import generation as G
 from jaxtx.infer import sampling as S
-from jaxtx.infer.cache_ops import take_rows
 
 NEG_INF = -1e30
 
@@ -48,7 +47,7 @@ def _run(model, params, ids_BT, lens_B, eos_E, enc_ids, enc_mask, *, W, max_new,
                    want_logprobs=False)
     # every beam of a row starts from the same prefilled cache; only beam 0 is live at the first step
     rep = jnp.repeat(jnp.arange(B), W)
-    cache = take_rows(st.cache, rep)
+    cache = st.cache.take(rep)
     if enc is not None:
         enc, enc_mask = enc[rep], enc_mask[rep]
     step = G._step_fn(model, params, enc, enc_mask)
@@ -93,7 +92,7 @@ def _run(model, params, ids_BT, lens_B, eos_E, enc_ids, enc_mask, *, W, max_new,
         alive_seq2 = jnp.where(keep[..., None], alive_seq, alive_seq2)
         done2 = done | settled | last | full
         rows = (jnp.arange(B)[:, None] * W + parent).reshape(-1)
-        cache = take_rows(cache, rows)
+        cache = cache.take(rows)
         feed_pos = jnp.where(jnp.repeat(done2, W), -1, jnp.repeat(pos, W))
         logits2, cache = step(tok_alive.reshape(-1, 1), feed_pos[:, None], cache)
         return (i + 1, logits2[:, 0].astype(jnp.float32), cache, pos + 1, done2, alive_logp2, alive_seq2,

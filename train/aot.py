@@ -194,8 +194,10 @@ def compile_decode_step(run_cfg, devices, batch: int, max_len: int, hbm: int = 0
 
     def spec(names, a, what):
         return NamedSharding(mesh, shd.logical_to_spec(names, rules, mesh, shape=a.shape, what=what))
-    kv = ("layers", "batch", "kv_heads", None, "head_dim")
-    cache_sh = cache.replace(k=spec(kv, cache.k, "KV cache k"), v=spec(kv, cache.v, "KV cache v"),
+    kv = ("batch", "kv_heads", None, "head_dim")
+    kv_spec = lambda a, what: spec(kv if a.ndim == 4 else ("layers",) + kv, a, what)  # per layer or stacked
+    cache_sh = cache.replace(k=jax.tree.map(lambda a: kv_spec(a, "KV cache k"), cache.k),
+                             v=jax.tree.map(lambda a: kv_spec(a, "KV cache v"), cache.v),
                              pos=spec(("batch", None), cache.pos, "KV cache pos"),
                              lengths=spec(("batch",), cache.lengths, "KV cache lengths"))
     cache = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), cache, cache_sh)

@@ -3,8 +3,9 @@
 Every call goes through `jaxtx.kernels` (`attention` for training and prefill, `decode_attention` against the cache),
 so the kernel dispatcher picks the fastest correct path per platform.
 
-Cache semantics (see jaxtx/cache.py): the per-layer cache holds k, v [B, K, S, Hd] (int8 + scales [B, K, S] when
-quantized). The model computes, once for all layers, the slot each new token is written to (`write_idx [B, T]`, S for
+Cache semantics (see jaxtx/cache.py): the layer gets k, v [B, K, S, Hd] (int8 + scales [B, K, S] when quantized),
+or, in a scanned stack, the arrays stacked over layers [L, ...] plus its index "layer": new tokens are then scattered
+straight into the stacked arrays (a few bytes per token) and attention reads this layer's slice. The model computes, once for all layers, the slot each new token is written to (`write_idx [B, T]`, S for
 "do not write") and the absolute position of every slot before (`kv_pos_old`) and after (`kv_pos_new`) the write.
 - Usual case: write first, then attend over the whole cache with position masks.
 - Sliding-window ring buffer with T > 1 new tokens (prefill): a new token may overwrite a slot that an earlier new query
@@ -13,6 +14,7 @@ quantized). The model computes, once for all layers, the slot each new token is 
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from jaxtx import kernels, sharding
@@ -104,9 +106,13 @@ class Attention(nn.Module):
             k_new, v_new = k_BTKh.astype(cache["k"].dtype), v_BTKh.astype(cache["v"].dtype)
         rows = jnp.arange(B)[:, None]
         idx = ctx["write_idx"]  # [B, T]; == S means "do not write"
+        i = cache.get("layer")  # None: the arrays are this layer's own
 
-        def write(c, new):  # c [B, K, S, ...]; new [B, T, K, ...]: mixed indexing puts [B, T] first
-            return c.at[rows, :, idx].set(new, mode="drop")
+        def write(c, new):  # c [(L,) B, K, S, ...]; new [B, T, K, ...]: mixed indexing puts [B, T] first
+            return c.at[rows, :, idx].set(new, mode="drop") if i is None else c.at[i, rows, :, idx].set(new, mode="drop")
+
+        def layer(c):
+            return c if c is None or i is None else jax.lax.dynamic_index_in_dim(c, i, 0, keepdims=False)
 
         updated = dict(cache, k=write(cache["k"], k_new), v=write(cache["v"], v_new))
         if quant:
@@ -118,10 +124,11 @@ class Attention(nn.Module):
             t = lambda a: jnp.swapaxes(a, 1, 2)  # [B, T, K, ...] -> [B, K, T, ...]
             cat = lambda old, new: jnp.concatenate([old, t(new)], axis=2)
             o = kernels.decode_attention(
-                q, cat(cache["k"], k_new), cat(cache["v"], v_new), kv_positions=ctx["kv_pos_concat"],
-                k_scale=cat(cache["k_scale"], ks_new) if quant else None,
-                v_scale=cat(cache["v_scale"], vs_new) if quant else None, **kw)
+                q, cat(layer(cache["k"]), k_new), cat(layer(cache["v"]), v_new), kv_positions=ctx["kv_pos_concat"],
+                k_scale=cat(layer(cache["k_scale"]), ks_new) if quant else None,
+                v_scale=cat(layer(cache["v_scale"]), vs_new) if quant else None, **kw)
         else:
-            o = kernels.decode_attention(q, updated["k"], updated["v"], kv_positions=ctx["kv_pos_new"],
-                                         k_scale=updated.get("k_scale"), v_scale=updated.get("v_scale"), **kw)
+            o = kernels.decode_attention(q, layer(updated["k"]), layer(updated["v"]), kv_positions=ctx["kv_pos_new"],
+                                         k_scale=layer(updated.get("k_scale")), v_scale=layer(updated.get("v_scale")),
+                                         **kw)
         return o, updated

@@ -25,20 +25,14 @@ SELF_KEYS = ("k", "v", "k_scale", "v_scale")  # self-attention cache: read and w
 CROSS_KEYS = ("cross_k", "cross_v")  # cross-attention K/V: computed once (first call), then read-only
 
 
-def _index(tree, i):
-    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False), tree)
-
-
-def _update(tree, new, i):
-    return jax.tree.map(lambda a, n: jax.lax.dynamic_update_index_in_dim(a, n.astype(a.dtype), i, 0), tree, new)
-
-
 class Block(nn.Module):
-    """carry = (x [B, T, D], self-attention cache stacked over layers [L, ...] or None, layer index i).
+    """carry = (x [B, T, D], self-attention cache or None, layer index i).
 
-    The whole stacked cache rides in the carry and layer i updates its slice in place (dynamic_update_index): as a
-    scan output it would be a second full copy of the cache every decode step. Read-only cross-attention K/V come in
-    `xs` (this layer's slice); when they are not cached yet they are computed and returned as the scan output.
+    Scanned: the whole stacked cache [L, ...] rides in the carry and layer i scatters its new tokens straight into it
+    (see Attention._cached): as a scan output it would be a second full copy of the cache every decode step, and
+    reading layer i's slice out and writing it back made XLA copy the whole stack once per layer. Unrolled: the carry
+    holds this layer's own arrays. Read-only cross-attention K/V come in `xs` (this layer's); when they are not cached
+    yet they are computed and returned as the output.
     """
 
     cfg: ModelConfig
@@ -51,7 +45,9 @@ class Block(nn.Module):
         x_BTD, self_cache, i = carry
         cache = None
         if self_cache is not None:
-            cache = {**_index(self_cache, i), **(xs or {})}
+            cache = {**self_cache, **(xs or {})}
+            if cfg.scan_layers:
+                cache["layer"] = i  # which slice of the stacked arrays is this layer's
         pre = cfg.norm_position == "pre"
 
         def residual(x, norm_name, fn):
@@ -74,7 +70,7 @@ class Block(nn.Module):
         x_BTD = constrain(x_BTD, ("batch", "length", "embed"))
         ys = None
         if self_cache is not None:
-            self_cache = _update(self_cache, {n: cache[n] for n in self_cache}, i)
+            self_cache = {n: cache[n] for n in self_cache}
             if self.cross and not xs:
                 ys = {n: cache[n] for n in CROSS_KEYS}
         return (x_BTD, self_cache, i + 1), ys
@@ -96,20 +92,31 @@ def make_layers(cfg: ModelConfig, n_layers: int, *, causal: bool, cross: bool = 
 
 
 def run_layers(layers, x_BTD, caches, ctx, deterministic):
-    """Apply the stack; `caches` is a dict of per-layer arrays stacked on axis 0 (or None). Returns (x, caches)."""
+    """Apply the stack. `caches`: None, or a dict of per-layer cache fields laid out like the layers (stacked [L, ...]
+    arrays for a scanned stack, tuples of L arrays for an unrolled one). Returns (x, caches)."""
+    unrolled = isinstance(layers, (list, tuple))
     self_cache = xs = None
     if caches is not None:
+        if any(isinstance(a, tuple) != unrolled for a in caches.values()):
+            raise ValueError("KV cache layout does not match the model: the layers are "
+                             f"{'unrolled' if unrolled else 'scanned'} but the cache is "
+                             f"{'stacked' if unrolled else 'per layer'}; build it with KVCache.init(model.cfg, ...)")
         self_cache = {n: a for n, a in caches.items() if n in SELF_KEYS}
         xs = {n: a for n, a in caches.items() if n in CROSS_KEYS} or None
-    carry = (x_BTD, self_cache, jnp.zeros((), jnp.int32))
-    if isinstance(layers, (list, tuple)):
-        outs = []
-        for j, layer in enumerate(layers):
-            carry, y = layer(carry, None if xs is None else jax.tree.map(lambda a: a[j], xs), ctx, deterministic)
-            outs.append(y)
-        ys = None if outs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+    i0 = jnp.zeros((), jnp.int32)
+    if not unrolled:
+        (x_BTD, self_cache, _), ys = layers((x_BTD, self_cache, i0), xs, ctx, deterministic)
     else:
-        carry, ys = layers(carry, xs, ctx, deterministic)
+        per_layer, outs = [], []
+        for j, layer in enumerate(layers):
+            own = None if self_cache is None else {n: a[j] for n, a in self_cache.items()}
+            (x_BTD, own, _), y = layer((x_BTD, own, i0 + j), None if xs is None else {n: a[j] for n, a in xs.items()},
+                                       ctx, deterministic)
+            per_layer.append(own)
+            outs.append(y)
+        if self_cache is not None:
+            self_cache = {n: tuple(c[n] for c in per_layer) for n in self_cache}
+        ys = None if outs[0] is None else {n: tuple(y[n] for y in outs) for n in outs[0]}
     if caches is None:
-        return carry[0], None
-    return carry[0], {**carry[1], **(xs or {}), **(ys or {})}
+        return x_BTD, None
+    return x_BTD, {**self_cache, **(xs or {}), **(ys or {})}
