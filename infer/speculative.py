@@ -5,13 +5,17 @@ One round per row, all rows in lock-step inside one `lax.while_loop`:
   2. the target runs [cur, d_1..d_k] at positions n..n+k and gives p_1..p_{k+1};
   3. `speculative_rule.accept` keeps a prefix of the drafts and adds one token (correction or bonus), so each round
      emits 1..k+1 tokens distributed exactly as target-only sampling (greedy: exactly the target's greedy tokens).
-Rejected drafts leave entries in both caches at positions beyond the accepted prefix. They are harmless: a key is only
-visible to queries at later positions, and the next round rewrites those positions before any query reaches them.
 When all k drafts are accepted the draft has not yet seen d_k, so its next round starts with the 2-token chunk
 [d_k, cur] (otherwise the first slot is padding, position -1) — one compiled shape for every round.
 
-Sliding-window (ring buffer) caches are refused: a rejected draft would already have overwritten a slot that the
-window still needs (the core cache would need k spare slots).
+Rejected drafts: after each round both caches are truncated (`KVCache.truncate`) to the positions whose tokens were
+kept, so `lengths` is each row's next position and slots holding rejected drafts are marked empty (pos -1). Relying
+on the next round to overwrite them before they are read holds for a plain cache (the layer writes first, then
+attends) but not for a sliding-window one, whose multi-token chunks attend over the old cache before writing.
+
+Sliding-window models: verification writes up to k positions past the last kept token, so the ring buffer gets k
+spare slots (`KVCache.init(..., spare=k)`, window + k slots); a rejected draft then only overwrites a position that
+has already left every later query's window.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtx.cache import KVCache
 from jaxtx.infer import generation as G
 from jaxtx.infer import sampling as S
 from jaxtx.infer import stop as stop_lib
@@ -44,23 +49,36 @@ def _draw(probs_BV, keys_B):
                                             + jnp.where(probs_BV > 0, 0.0, -1e30)).astype(jnp.int32)
 
 
+def _prefill(step, cfg, ids_BT, lens_B, *, max_len, spare):
+    """The prompts (right-padded, padding at position -1) into a fresh cache with `spare` ring-buffer slots ->
+    (logits at the last prompt token [B, V] float32, cache)."""
+    B, T = ids_BT.shape
+    cache = KVCache.init(cfg, B, max_len, spare=spare)
+    t = jnp.arange(T)[None, :]
+    pos_BT = jnp.where(t < lens_B[:, None], t, -1)
+    logits_B1V, cache = step(ids_BT, pos_BT, cache, logits_at=jnp.maximum(lens_B - 1, 0)[:, None])
+    return logits_B1V[:, 0].astype(jnp.float32), cache
+
+
 def _run(target, draft, tparams, dparams, ids_BT, lens_B, live_B, seeds_B, stop_packed, *, k, max_new, max_len,
          sampling):
+    """The whole generation as one program. Returns a dict: out [B, max_new + k + 1] (-1 padded), stopped [B],
+    n_acc / rounds [B] (accepted drafts, rounds per row), count [B] (tokens emitted, before the host trims to
+    max_new), and the final target / draft caches."""
     B = ids_BT.shape[0]
     tstep, dstep = G._step_fn(target, tparams), G._step_fn(draft, dparams)
-    kw = dict(max_new=1, max_len=max_len, sampling=sampling, want_logprobs=False)
-    tst = G.prefill(tstep, target.cfg, ids_BT, lens_B, live_B, **kw)
-    dst = G.prefill(dstep, draft.cfg, ids_BT, lens_B, live_B, **kw)
+    tlogits0, tcache0 = _prefill(tstep, target.cfg, ids_BT, lens_B, max_len=max_len, spare=k)
+    _, dcache0 = _prefill(dstep, draft.cfg, ids_BT, lens_B, max_len=max_len, spare=k)
     keys = lambda r, j: S.row_keys(seeds_B, r * (k + 2) + j)  # noqa: E731  independent streams per round and use
-    first = S.sample(tst.logits, sampling, None if sampling.greedy else keys(0, k + 1))
+    first = S.sample(tlogits0, sampling, None if sampling.greedy else keys(0, k + 1))
     N = max_new + k + 1  # a round may overshoot max_new by up to k tokens; trimmed on the host
     out = jnp.full((B, N), -1, jnp.int32).at[:, 0].set(jnp.where(live_B, first, -1))
     count = live_B.astype(jnp.int32)
     stopped = live_B & stop_lib.ends_with_stop(out, count, stop_packed)
     done = ~live_B | stopped | (count >= max_new)
     zero = jnp.zeros(B, jnp.int32)
-    state = (jnp.zeros((), jnp.int32), first, lens_B.astype(jnp.int32), zero, jnp.zeros(B, bool), tst.cache,
-             dst.cache, out, count, done, stopped, zero, zero)
+    state = (jnp.zeros((), jnp.int32), first, lens_B.astype(jnp.int32), zero, jnp.zeros(B, bool), tcache0,
+             dcache0, out, count, done, stopped, zero, zero)
 
     def body(s):
         r, cur, pos, pend_tok, pend, tcache, dcache, out, count, done, stopped, n_acc_tot, rounds = s
@@ -100,14 +118,19 @@ def _run(target, draft, tparams, dparams, ids_BT, lens_B, live_B, seeds_B, stop_
         new_count = jnp.where(live, count + emitted, count)
         out = jnp.where(jnp.arange(N)[None] < new_count[:, None], out, -1)
         last = jnp.take_along_axis(new, (emitted - 1)[:, None], axis=1)[:, 0]
-        all_acc = n_acc == k
-        return (r + 1, jnp.where(live, last, cur), jnp.where(live, pos + emitted, pos),
-                jnp.where(live, drafts[:, -1], pend_tok), live & all_acc & ~hit_any, tcache, dcache, out,
+        new_pos = jnp.where(live, pos + emitted, pos)
+        new_pend = live & (n_acc == k) & ~hit_any
+        # The target holds cur and the kept drafts, positions < new_pos (the last emitted token, at new_pos, is fed
+        # next round); the draft holds the same except d_k when it is pending. Drop the rest (rejected drafts).
+        tcache = tcache.truncate(new_pos)
+        dcache = dcache.truncate(new_pos - new_pend.astype(jnp.int32))
+        return (r + 1, jnp.where(live, last, cur), new_pos,
+                jnp.where(live, drafts[:, -1], pend_tok), new_pend, tcache, dcache, out,
                 new_count, done | hit_any | (new_count >= max_new), stopped | hit_any,
                 n_acc_tot + jnp.where(live, n_acc, 0), rounds + live.astype(jnp.int32))
 
     s = jax.lax.while_loop(lambda s: ~jnp.all(s[9]), body, state)
-    return s[7], s[10], s[11], s[12]
+    return dict(out=s[7], stopped=s[10], n_acc=s[11], rounds=s[12], count=s[8], tcache=s[5], dcache=s[6])
 
 
 def _write(out, new, count, live):
@@ -119,6 +142,20 @@ def _write(out, new, count, live):
 _JITTED: dict = {}
 
 
+def _compiled(target, draft):
+    """`_run` jitted once per (target, draft) pair of model objects."""
+    key = (id(target), id(draft))
+    if key not in _JITTED or _JITTED[key][0][0] is not target or _JITTED[key][0][1] is not draft:
+        _JITTED[key] = ((target, draft), jax.jit(functools.partial(_run, target, draft),
+                                                 static_argnames=("k", "max_new", "max_len", "sampling")))
+    return _JITTED[key][1]
+
+
+def _max_len(prompt_T, max_new, k, limit):
+    # a round started with fewer than max_new tokens emitted writes up to k positions past the last kept one
+    return min(prompt_T + max_new + k + 1, limit)
+
+
 def speculative_generate(target, tparams, draft, dparams, prompts, *, max_new_tokens: int, k: int = 4,
                          sampling: S.Sampling = S.GREEDY, seed=0, stop=None, eos_id=None, lengths=None,
                          bucket: bool = True) -> SpeculativeResult:
@@ -127,9 +164,6 @@ def speculative_generate(target, tparams, draft, dparams, prompts, *, max_new_to
         if m.cfg.kind != "decoder":
             raise ValueError(f"speculative decoding: the {name} must be a decoder-only model, got kind "
                              f"{m.cfg.kind!r}")
-        if m.cfg.window is not None:
-            raise ValueError(f"speculative decoding: the {name} uses a sliding window (window={m.cfg.window}); "
-                             "rejected drafts would overwrite ring-buffer slots the window still needs")
     if target.cfg.vocab_size != draft.cfg.vocab_size:
         raise ValueError(f"speculative decoding: draft vocab_size={draft.cfg.vocab_size} differs from target "
                          f"vocab_size={target.cfg.vocab_size}; the draft must share the target's tokenizer")
@@ -144,15 +178,11 @@ def speculative_generate(target, tparams, draft, dparams, prompts, *, max_new_to
     if longest + max_new_tokens + k + 1 > limit:
         raise ValueError(f"speculative decoding: prompt ({longest}) + max_new_tokens ({max_new_tokens}) + k + 1 = "
                          f"{longest + max_new_tokens + k + 1} exceeds the learned position table ({limit})")
-    # verification writes up to k positions past the last kept token, hence the k + 1 spare slots
-    max_len = min(d["ids"].shape[1] + max_new_tokens + k + 1, limit)
+    max_len = _max_len(d["ids"].shape[1], max_new_tokens, k, limit)
     stop_items, packed = G._stop_arg(stop, eos_id)
-    key = (id(target), id(draft))
-    if key not in _JITTED or _JITTED[key][0][0] is not target or _JITTED[key][0][1] is not draft:
-        _JITTED[key] = ((target, draft), jax.jit(functools.partial(_run, target, draft),
-                                                 static_argnames=("k", "max_new", "max_len", "sampling")))
-    out, stopped, n_acc, rounds = _JITTED[key][1](tparams, dparams, d["ids"], d["lens"], d["live"], d["seeds"], packed,
-                                                  k=k, max_new=max_new_tokens, max_len=max_len, sampling=sampling)
+    res = _compiled(target, draft)(tparams, dparams, d["ids"], d["lens"], d["live"], d["seeds"], packed, k=k,
+                                   max_new=max_new_tokens, max_len=max_len, sampling=sampling)
+    out, stopped, n_acc, rounds = res["out"], res["stopped"], res["n_acc"], res["rounds"]
     out = np.asarray(out)[:, :max_new_tokens]
     gen = G._finish(out, None, stopped, d["n"], stop_items)
     n_acc, rounds = np.asarray(n_acc)[: d["n"]].sum(), np.asarray(rounds)[: d["n"]].sum()

@@ -6,6 +6,13 @@ The tuple is what makes unrolled decode fast: each layer reads and updates its o
 a stacked array is a copy (measured, 110M model, batch 8: the 24 slice copies cost 7 of 33 ms per step).
 `pos [B, S]` records the absolute position held in every slot (-1 = empty), shared by all layers; attention masks by
 position, which makes padding, per-row lengths and the sliding-window ring buffer one mechanism.
+
+Sliding-window models keep a ring buffer (slot = pos % S). S = window is enough for token-by-token decoding, but a
+caller that writes ahead and may take tokens back (speculative verification writes k drafts past the last kept
+token) needs `spare` extra slots, or a rejected draft would overwrite a position the window still needs. Extra slots
+cost nothing in correctness: attention masks by position and window, never by slot count.
+`truncate(lengths)` takes tokens back: slots at positions >= lengths become empty (pos -1), so what was written there
+is never visible again and `lengths` stays the next position of every row.
 """
 from __future__ import annotations
 
@@ -33,12 +40,17 @@ class KVCache:
     cross_v: Optional[Layers] = None
 
     @classmethod
-    def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32, quantize: bool = False):
+    def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32, quantize: bool = False,
+             spare: int = 0):
         """An empty cache, laid out like cfg's layers (stacked when cfg.scan_layers). Sliding-window models keep only
-        min(max_len, window) slots (a ring buffer)."""
+        min(max_len, window + spare) slots (a ring buffer); `spare` slots let a caller write up to `spare` tokens it
+        may take back (`truncate`) without losing positions the window needs. Without a window every position below
+        max_len has its own slot and `spare` changes nothing."""
         if batch < 1 or max_len < 1:
             raise ValueError(f"KVCache.init: batch={batch} and max_len={max_len} must be >= 1")
-        S = max_len if cfg.window is None else min(max_len, cfg.window)
+        if spare < 0:
+            raise ValueError(f"KVCache.init: spare={spare} must be >= 0 (extra ring-buffer slots beyond the window)")
+        S = max_len if cfg.window is None else min(max_len, cfg.window + spare)
         L = cfg.decoder_layers if cfg.kind == "encoder_decoder" else cfg.n_layers
         shape = (batch, cfg.kv_heads, S, cfg.hd)
         kv_dtype = jnp.int8 if quantize else dtype
@@ -69,6 +81,14 @@ class KVCache:
             if a is not None:  # batch is axis 1 of a stacked array, axis 0 of each per-layer array
                 changes[name] = jnp.take(a, rows, axis=1) if self.stacked else tuple(x[rows] for x in a)
         return self.replace(**changes)
+
+    def truncate(self, lengths_B) -> "KVCache":
+        """Take back every token at a position >= lengths_B[b] in row b (lengths_B: int [B]; a row's length never
+        grows here). Those slots are marked empty (pos -1) rather than left to be overwritten before they are read:
+        a sliding-window chunk attends over the old cache before writing (see attention.py), so a stale entry at a
+        position it is about to rewrite would be visible next to the new one. The K/V bytes stay; they are dead."""
+        lengths_B = jnp.minimum(self.lengths, jnp.asarray(lengths_B, jnp.int32))
+        return self.replace(pos=jnp.where(self.pos >= lengths_B[:, None], -1, self.pos), lengths=lengths_B)
 
     def layer_arrays(self) -> dict:
         """The per-layer fields that are set (stacked arrays or tuples), for the layer stack."""

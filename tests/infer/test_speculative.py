@@ -1,15 +1,20 @@
 """Speculative decoding end to end: greedy equals target greedy, sampled sequences follow the target's distribution
-(closed form on Markov chains), draft == target accepts everything."""
+(closed form on Markov chains), draft == target accepts everything; the same for sliding-window models decoding far
+past the window, and the caches are left honest (lengths = next position, no rejected draft left in a slot)."""
 import itertools
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats
 
-from jaxtx.infer import Sampling, generate
+from jaxtx.infer import GREEDY, Sampling, for_decoding, generate
+from jaxtx.infer import generation as G
+from jaxtx.infer import speculative as SP
 from jaxtx.infer.speculative import speculative_generate
 
-from infer_models import markov, small_model
+from infer_models import full_forward, markov, naive_greedy, small_model
 
 P_T = np.array([[0.1, 0.5, 0.3, 0.1], [0.3, 0.1, 0.2, 0.4], [0.25, 0.25, 0.25, 0.25], [0.6, 0.1, 0.1, 0.2]])
 P_D = np.array([[0.4, 0.2, 0.2, 0.2], [0.1, 0.1, 0.7, 0.1], [0.25, 0.25, 0.25, 0.25], [0.2, 0.2, 0.2, 0.4]])
@@ -73,6 +78,94 @@ def test_incompatible_draft_is_refused():
     draft, dp = small_model("llama", ("vocab_size=98",))
     with pytest.raises(ValueError, match="vocab_size=98"):
         speculative_generate(target, tp, draft, dp, [[1, 2]], max_new_tokens=4)
-    window, wp = small_model("window")
-    with pytest.raises(ValueError, match="sliding window"):
-        speculative_generate(window, wp, target, tp, [[1, 2]], max_new_tokens=4)
+    with pytest.raises(ValueError, match="k=0"):
+        speculative_generate(target, tp, target, tp, [[1, 2]], max_new_tokens=4, k=0)
+
+
+# ------------------------------------------------------------------------------------------------ sliding window
+W8 = ("window=8",)
+WINDOW_PROMPTS = [[5, 17, 3, 44, 9], [9, 1, 2]]
+
+
+def window_pair(target_unrolled=False):
+    """A windowed target and a weaker windowed draft (different weights, so drafts get rejected), one of the two with
+    unrolled layers (per-layer cache tuples), the other scanned (stacked cache)."""
+    target, tp = small_model("llama", W8)
+    draft, dp = small_model("llama", W8 + ("n_layers=1", "init_std=0.2"))
+    if target_unrolled:
+        target, tp = for_decoding(target, tp)
+    else:
+        draft, dp = for_decoding(draft, dp)
+    return target, tp, draft, dp
+
+
+@pytest.mark.parametrize("target_unrolled", [False, True])
+def test_window_greedy_equals_target_greedy(target_unrolled):
+    """40 new tokens with window 8: every ring-buffer slot is rewritten several times, and rejected drafts (written
+    ahead of the kept tokens) must never stand in for a kept one."""
+    target, tp, draft, dp = window_pair(target_unrolled)
+    ref = generate(target, tp, WINDOW_PROMPTS, max_new_tokens=40)
+    assert ref.tokens[0] == naive_greedy(target, tp, WINDOW_PROMPTS[0], 40)  # the ring buffer itself is right
+    res = speculative_generate(target, tp, draft, dp, WINDOW_PROMPTS, max_new_tokens=40, k=4)
+    assert res.tokens == ref.tokens
+    assert 0.0 < res.acceptance_rate < 1.0  # rejections happened, so the rollback was exercised
+
+
+def test_window_draft_equal_target_accepts_all():
+    target, tp = small_model("llama", W8)
+    ref = generate(target, tp, WINDOW_PROMPTS, max_new_tokens=40)
+    same = speculative_generate(target, tp, target, tp, WINDOW_PROMPTS, max_new_tokens=40, k=4)
+    assert same.acceptance_rate == 1.0 and same.tokens == ref.tokens
+
+
+def test_window_sampled_tokens_are_in_the_targets_top_k():
+    """Sampling with top_k=2 from a windowed target: every emitted token must be one of the two most likely under a
+    full (cache-free) forward pass of the target over the emitted sequence; a stale or lost key would move the
+    target's distribution and let tokens outside the true top 2 through."""
+    target, tp, draft, dp = window_pair()
+    res = speculative_generate(target, tp, draft, dp, WINDOW_PROMPTS, max_new_tokens=40, k=4,
+                               sampling=Sampling(temperature=1.0, top_k=2), seed=[3, 4])
+    assert 0.0 < res.acceptance_rate < 1.0
+    for prompt, toks in zip(WINDOW_PROMPTS, res.tokens):
+        assert len(toks) == 40
+        seq = np.array([prompt + toks])
+        logits = np.asarray(full_forward(target)(tp, jnp.asarray(seq)))[0]
+        top2 = np.argsort(logits, axis=-1)[:, -2:]
+        for j, tok in enumerate(toks):
+            assert tok in top2[len(prompt) + j - 1], (j, tok)
+
+
+def _raw_run(target, tp, draft, dp, prompts, n, k, sampling=GREEDY):
+    """speculative_generate's device program, returning its final state (the caches included)."""
+    d = G._prepare(target, prompts, None, n, None, 0, True)
+    _, packed = G._stop_arg(None, None)
+    res = SP._compiled(target, draft)(tp, dp, d["ids"], d["lens"], d["live"], d["seeds"], packed, k=k, max_new=n,
+                                      max_len=SP._max_len(d["ids"].shape[1], n, k, 1 << 62), sampling=sampling)
+    return d, jax.tree.map(np.asarray, res)
+
+
+@pytest.mark.parametrize("window", [False, True])
+def test_caches_are_honest_after_speculative_generation(window):
+    """After the last round each cache's `lengths` is the row's next position: prompt + tokens emitted - 1 (the last
+    emitted token is not fed to the models), one less for the draft when its last draft is still pending; no slot
+    holds a position >= lengths (no rejected draft survives), every kept position is held exactly once, and a window
+    cache holds the whole last window."""
+    extra = W8 if window else ()
+    target, tp = small_model("llama", extra)
+    draft, dp = small_model("llama", extra + ("n_layers=1", "init_std=0.2"))
+    k, n = 4, 30
+    d, res = _raw_run(target, tp, draft, dp, WINDOW_PROMPTS, n, k)
+    assert 0 < res["n_acc"].sum() < res["rounds"].sum() * k
+    want = np.where(d["live"], d["lens"] + res["count"] - 1, 0)
+    np.testing.assert_array_equal(res["tcache"].lengths, want)
+    gap = want - res["dcache"].lengths
+    assert set(gap.tolist()) <= {0, 1}
+    for c in (res["tcache"], res["dcache"]):
+        S = c.pos.shape[1]
+        assert S == (8 + k if window else d["ids"].shape[1] + n + k + 1)
+        for b in range(len(want)):
+            held = c.pos[b][c.pos[b] >= 0]
+            assert (held < c.lengths[b]).all(), (b, held, c.lengths[b])
+            assert len(set(held.tolist())) == len(held)
+            lo = max(0, c.lengths[b] - 8) if window else 0
+            assert set(range(lo, c.lengths[b])) <= set(held.tolist())
