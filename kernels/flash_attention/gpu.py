@@ -12,6 +12,7 @@ are masked by index, padded query rows are dropped.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -24,7 +25,12 @@ from jax.experimental.pallas import triton as plgpu
 from jaxtx.kernels.flash_attention.common import (MASK_VALUE, BlockSizes, MaskSpec, alibi_block, check_inputs,
                                                   element_mask, pad_axis, padded_segments, round_up)
 
-DEFAULT_BLOCK_SIZES = BlockSizes(block_q=64, block_k=64, block_q_bwd=32, block_k_bwd=32)
+# Measured on an H100 (B=2 H=16 Hd=128 bf16 causal, tools/gpu_check.py, see _launch): backward blocks 64x64 run
+# 1.8x faster than 32x32 (fwd+bwd 7.0 vs 12.6 ms at T=8192); forward 128x128 is the fastest tile there.
+# Tiles wider than 128 two-byte elements per row (Hd > 128, or float32 inputs) keep the 64x64 forward tile: a 128x128
+# float32 tile at Hd 128 asked for 384 KiB of shared memory, over the H100's 227 KiB.
+DEFAULT_BLOCK_SIZES = BlockSizes(block_q=128, block_k=128, block_q_bwd=64, block_k_bwd=64)
+WIDE_HEAD_BLOCK_SIZES = BlockSizes(block_q=64, block_k=64, block_q_bwd=64, block_k_bwd=64)
 
 
 def _pow2_at_least(x: int, lo: int = 16) -> int:
@@ -43,6 +49,33 @@ def _kv_range(i, bq, bk, nk, spec: MaskSpec):
         if not spec.causal:
             hi = jnp.minimum(hi, (qe + spec.window - 1) // bk + 1)
     return lo, hi
+
+
+def _unmasked_end(i, bq, bk, lo, hi, spec: MaskSpec, padded_kv: bool):
+    """End of the kv blocks [lo, mid) that query block i sees entirely, so they need no position mask: for causal,
+    the blocks left of the diagonal ((j + 1) * bk - 1 <= i * bq); without a window only (the window's lower edge cuts
+    blocks too). The per-element iota compares and selects of the diagonal blocks are then paid only there."""
+    if spec.window is not None:
+        return lo
+    mid = hi
+    if spec.causal:
+        mid = jnp.minimum(mid, (i * bq + 1) // bk)
+    if padded_kv:
+        mid = jnp.minimum(mid, spec.kv_len // bk)
+    return jnp.maximum(lo, mid)
+
+
+def _masked_q_end(j, bq, bk, lo, hi, spec: MaskSpec, padded_kv: bool):
+    """The dk/dv loop's split: q blocks [lo, end) of kv block j need the position mask, [end, hi) see the whole
+    block (causal: rows i * bq >= j * bk + bk - 1; a kv block holding padding is masked throughout)."""
+    if spec.window is not None:
+        return hi
+    end = lo
+    if spec.causal:
+        end = jnp.maximum(end, (j * bk + bk - 1 + bq - 1) // bq)
+    if padded_kv:
+        end = jnp.where((j + 1) * bk > spec.kv_len, hi, end)
+    return jnp.minimum(end, hi)
 
 
 def _q_range(j, bq, bk, nq, spec: MaskSpec):
@@ -67,6 +100,10 @@ def _scores(q, k, q_idx, k_idx, qseg, kvseg, slope, spec: MaskSpec, padded_kv: b
     if mask is not None:
         s = jnp.where(mask, s, MASK_VALUE)
     return s, mask
+
+
+def _no_position_mask(spec: MaskSpec) -> MaskSpec:
+    return dataclasses.replace(spec, causal=False, window=None)
 
 
 def _maybe_skip(qseg, kvseg, compute, carry):
@@ -94,7 +131,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, slopes_ref, o_ref, lse
     qseg = None if qseg_ref is None else qseg_ref[...]
     slope = _slope(slopes_ref, h)
 
-    def body(j, carry):
+    def body(j, carry, spec, padded_kv):
         def compute(carry):
             m, l, acc = carry
             kslice = pl.ds(j * bk, bk)
@@ -112,9 +149,11 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, slopes_ref, o_ref, lse
         return _maybe_skip(qseg, kvseg_blk, compute, carry)
 
     lo, hi = _kv_range(i, bq, bk, nk, spec)
+    mid = _unmasked_end(i, bq, bk, lo, hi, spec, padded_kv)
     init = (jnp.full((bq,), MASK_VALUE, jnp.float32), jnp.zeros((bq,), jnp.float32),
             jnp.zeros(o_ref.shape, jnp.float32))
-    m, l, acc = lax.fori_loop(lo, hi, body, init)
+    carry = lax.fori_loop(lo, mid, functools.partial(body, spec=_no_position_mask(spec), padded_kv=False), init)
+    m, l, acc = lax.fori_loop(mid, hi, functools.partial(body, spec=spec, padded_kv=padded_kv), carry)
     nonempty = l > 0.0
     safe_l = jnp.where(nonempty, l, 1.0)
     o_ref[...] = (acc / safe_l[:, None]).astype(o_ref.dtype)  # empty rows: acc == 0
@@ -131,7 +170,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, slopes_ref, do_ref, l
     kvseg = None if kvseg_ref is None else kvseg_ref[...]
     slope = _slope(slopes_ref, h)
 
-    def body(i, carry):
+    def body(i, carry, spec, padded_kv):
         def compute(carry):
             dk, dv = carry
             qslice = pl.ds(i * bq, bq)
@@ -150,8 +189,10 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, slopes_ref, do_ref, l
         return _maybe_skip(qseg_blk, kvseg, compute, carry)
 
     lo, hi = _q_range(j, bq, bk, nq, spec)
+    end = _masked_q_end(j, bq, bk, lo, hi, spec, padded_kv)
     zeros = jnp.zeros(dk_ref.shape, jnp.float32)
-    dk, dv = lax.fori_loop(lo, hi, body, (zeros, zeros))
+    carry = lax.fori_loop(lo, end, functools.partial(body, spec=spec, padded_kv=padded_kv), (zeros, zeros))
+    dk, dv = lax.fori_loop(end, hi, functools.partial(body, spec=_no_position_mask(spec), padded_kv=False), carry)
     dk_ref[...] = dk
     dv_ref[...] = dv
 
@@ -166,7 +207,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, slopes_ref, do_ref, lse
     lse, delta = lse_ref[...], delta_ref[...]
     slope = _slope(slopes_ref, h)
 
-    def body(j, dq):
+    def body(j, dq, spec, padded_kv):
         def compute(dq):
             kslice = pl.ds(j * bk, bk)
             k, v = k_ref[kslice, :], v_ref[kslice, :]
@@ -182,7 +223,10 @@ def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, slopes_ref, do_ref, lse
         return _maybe_skip(qseg, kvseg_blk, compute, dq)
 
     lo, hi = _kv_range(i, bq, bk, nk, spec)
-    dq = lax.fori_loop(lo, hi, body, jnp.zeros(dq_ref.shape, jnp.float32))
+    mid = _unmasked_end(i, bq, bk, lo, hi, spec, padded_kv)
+    dq = lax.fori_loop(lo, mid, functools.partial(body, spec=_no_position_mask(spec), padded_kv=False),
+                       jnp.zeros(dq_ref.shape, jnp.float32))
+    dq = lax.fori_loop(mid, hi, functools.partial(body, spec=spec, padded_kv=padded_kv), dq)
     dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
@@ -208,8 +252,13 @@ def _precision(dtype):
     return lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
-def _num_warps(blk_a, blk_b):
-    return 4 if blk_a * blk_b <= 64 * 64 else 8
+def _launch(blk_a, blk_b):
+    """Triton launch parameters for a [blk_a, blk_b] tile. From the H100 sweep in tools/gpu_check.py (T=8192, Hd=128,
+    bf16, causal): forward 128x128 with 8 warps and 3 stages 1.88 ms vs 64x64 / 4 warps / 2 stages 2.30 ms; backward
+    64x64 with 4 warps and 2 stages 7.0 ms (fwd+bwd), vs 8.5 ms with 3 stages and 13.5 ms with 8 warps."""
+    if blk_a * blk_b >= 128 * 128:
+        return plgpu.CompilerParams(num_warps=8, num_stages=3)
+    return plgpu.CompilerParams(num_warps=4, num_stages=2)
 
 
 def _fwd(q, k, v, q_seg, kv_seg, slopes, cfg):
@@ -226,7 +275,7 @@ def _fwd(q, k, v, q_seg, kv_seg, slopes, cfg):
         out_specs=[pl.BlockSpec((None, bq, None, Hdp), lambda n, b, h: (b, n, h, 0)),
                    pl.BlockSpec((None, None, bq), lambda n, b, h: (b, h, n))],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, H, Tp), jnp.float32)],
-        compiler_params=plgpu.CompilerParams(num_warps=_num_warps(bq, bk), num_stages=2),
+        compiler_params=_launch(bq, bk),
         interpret=interpret,
         name="jaxtx_flash_fwd",
     )(q, k, v, q_seg, kv_seg, slopes)
@@ -250,7 +299,7 @@ def _bwd(q, k, v, q_seg, kv_seg, slopes, o, lse, do, cfg):
         in_specs=_specs(B, H, G, Tp, Sp, Hdp, bq, bk, q_seg, slopes, q_blocked=False) + [row_q, row_stat, row_stat],
         out_specs=[kv_out, kv_out],
         out_shape=[jax.ShapeDtypeStruct((B, Sp, H, Hdp), jnp.float32)] * 2,
-        compiler_params=plgpu.CompilerParams(num_warps=_num_warps(bq, bk), num_stages=2),
+        compiler_params=_launch(bq, bk),
         interpret=interpret,
         name="jaxtx_flash_bwd_dkdv",
     )(q, k, v, q_seg, kv_seg, slopes, do, lse, delta)
@@ -262,7 +311,7 @@ def _bwd(q, k, v, q_seg, kv_seg, slopes, o, lse, do, cfg):
         in_specs=_specs(B, H, G, Tp, Sp, Hdp, bq, bk, q_seg, slopes, q_blocked=True) + [blk_q, blk_stat, blk_stat],
         out_specs=blk_q,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=plgpu.CompilerParams(num_warps=_num_warps(bq, bk), num_stages=2),
+        compiler_params=_launch(bq, bk),
         interpret=interpret,
         name="jaxtx_flash_bwd_dq",
     )(q, k, v, q_seg, kv_seg, slopes, do, lse, delta)
@@ -300,7 +349,10 @@ def flash_attention_gpu(q, k, v, *, causal=False, window=None, segment_ids=None,
     """q [B, T, H, Hd], k/v [B, S, K, Hd] -> [B, T, H, Hd] (q.dtype). Pallas/Triton; interpret=True runs on CPU."""
     B, T, H, Hd, S, K = check_inputs("flash_attention_gpu", q, k, v, window=window, segment_ids=segment_ids,
                                      kv_segment_ids=kv_segment_ids, alibi_slopes=alibi_slopes)
-    bs = DEFAULT_BLOCK_SIZES if block_sizes is None else block_sizes
+    if block_sizes is None:
+        row_bytes = _pow2_at_least(Hd) * jnp.dtype(q.dtype).itemsize
+        block_sizes = DEFAULT_BLOCK_SIZES if row_bytes <= 256 else WIDE_HEAD_BLOCK_SIZES
+    bs = block_sizes
     for name in ("block_q", "block_k", "bwd_q", "bwd_k"):
         val = getattr(bs, name)
         if val & (val - 1) or val < 16:
