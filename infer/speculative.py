@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtx.cache import KVCache
 from jaxtx.infer import generation as G
 from jaxtx.infer import sampling as S
 from jaxtx.infer import stop as stop_lib
@@ -49,17 +48,6 @@ def _draw(probs_BV, keys_B):
                                             + jnp.where(probs_BV > 0, 0.0, -1e30)).astype(jnp.int32)
 
 
-def _prefill(step, cfg, ids_BT, lens_B, *, max_len, spare):
-    """The prompts (right-padded, padding at position -1) into a fresh cache with `spare` ring-buffer slots ->
-    (logits at the last prompt token [B, V] float32, cache)."""
-    B, T = ids_BT.shape
-    cache = KVCache.init(cfg, B, max_len, spare=spare)
-    t = jnp.arange(T)[None, :]
-    pos_BT = jnp.where(t < lens_B[:, None], t, -1)
-    logits_B1V, cache = step(ids_BT, pos_BT, cache, logits_at=jnp.maximum(lens_B - 1, 0)[:, None])
-    return logits_B1V[:, 0].astype(jnp.float32), cache
-
-
 def _run(target, draft, tparams, dparams, ids_BT, lens_B, live_B, seeds_B, stop_packed, *, k, max_new, max_len,
          sampling):
     """The whole generation as one program. Returns a dict: out [B, max_new + k + 1] (-1 padded), stopped [B],
@@ -67,8 +55,8 @@ def _run(target, draft, tparams, dparams, ids_BT, lens_B, live_B, seeds_B, stop_
     max_new), and the final target / draft caches."""
     B = ids_BT.shape[0]
     tstep, dstep = G._step_fn(target, tparams), G._step_fn(draft, dparams)
-    tlogits0, tcache0 = _prefill(tstep, target.cfg, ids_BT, lens_B, max_len=max_len, spare=k)
-    _, dcache0 = _prefill(dstep, draft.cfg, ids_BT, lens_B, max_len=max_len, spare=k)
+    tlogits0, tcache0 = G.prefill_cache(tstep, target.cfg, ids_BT, lens_B, max_len=max_len, spare=k)
+    _, dcache0 = G.prefill_cache(dstep, draft.cfg, ids_BT, lens_B, max_len=max_len, spare=k)
     keys = lambda r, j: S.row_keys(seeds_B, r * (k + 2) + j)  # noqa: E731  independent streams per round and use
     first = S.sample(tlogits0, sampling, None if sampling.greedy else keys(0, k + 1))
     N = max_new + k + 1  # a round may overshoot max_new by up to k tokens; trimmed on the host
