@@ -28,7 +28,8 @@ def register(bench_subparsers) -> None:
     p.add_argument("--int8-kv", action="store_true", help="int8 KV cache")
     p.add_argument("--baseline", choices=["none", "torch"], default="none")
     p.add_argument("--scan", action="store_true",
-                   help="decode with the scanned layer stack (default: unrolled, see infer.generation.for_decoding)")
+                   help="also time decode with the scanned layer stack (the training layout; the default decodes "
+                        "unrolled, see infer.generation.for_decoding)")
     p.add_argument("--speculative", type=int, default=0, metavar="K",
                    help="also time speculative greedy decoding at batch 1 with K drafted tokens per round")
     p.add_argument("--draft-layers", type=int, default=2,
@@ -125,7 +126,7 @@ def _jax_runner(model, params, B, T, N, quantize):
         out = full(params, ids, lens, live, seeds, None, None, None, max_new=N, max_len=max_len, sampling=GREEDY,
                    want_logprobs=False, quantize=quantize)
         out[0].block_until_ready()
-    return ttft, gen, max_len
+    return ttft, gen
 
 
 def _torch_runner(cfg, B, T, N):
@@ -137,18 +138,21 @@ def _torch_runner(cfg, B, T, N):
         head_dim=cfg.hd, max_position_embeddings=max(cfg.max_seq_len, T + N), rms_norm_eps=cfg.norm_eps,
         tie_word_embeddings=cfg.tie_embeddings, rope_theta=cfg.rope_theta, attn_implementation="sdpa")
     torch.manual_seed(0)
-    m = transformers.LlamaForCausalLM(lc).eval()
-    ids = torch.randint(3, cfg.vocab_size, (B, T))
+    # on a GPU machine both systems run on the GPU (same process, same device)
+    import jax
+    device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+    m = transformers.LlamaForCausalLM(lc).eval().to(device)
+    ids = torch.randint(3, cfg.vocab_size, (B, T), device=device)
     mask = torch.ones_like(ids)
     kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
 
     def ttft():
         with torch.inference_mode():
-            m.generate(ids, attention_mask=mask, max_new_tokens=1, min_new_tokens=1, **kw)
+            m.generate(ids, attention_mask=mask, max_new_tokens=1, min_new_tokens=1, **kw).cpu()
 
     def gen():
         with torch.inference_mode():
-            out = m.generate(ids, attention_mask=mask, max_new_tokens=N, min_new_tokens=N, **kw)
+            out = m.generate(ids, attention_mask=mask, max_new_tokens=N, min_new_tokens=N, **kw).cpu()  # waits
         assert out.shape[1] == T + N
     return ttft, gen
 
@@ -239,15 +243,19 @@ def run(args) -> int:
     hdr = f"{'system':<8}{'batch':>6}{'TTFT ms':>10}{'decode tok/s':>14}{'ms/step':>9}{'roofline':>10}"
     print(hdr)
     from jaxtx.infer.generation import for_decoding
-    dmodel, dparams = (model, params) if args.scan else for_decoding(model, params)
+    dmodel, dparams = for_decoding(model, params)
     for B in args.batch:
-        ttft_f, gen_f, max_len = _jax_runner(dmodel, dparams, B, T, N, args.int8_kv)
-        ttft, rest = _paired(ttft_f, gen_f, args.repeats)
-        step = rest / (N - 1)
         itemsize = 1 if args.int8_kv else 4
-        kv_bytes = 2 * cfg.n_layers * B * cfg.kv_heads * max_len * cfg.hd * itemsize
-        frac = (w_bytes + kv_bytes) / bw / step
-        print(f"{'jaxtx':<8}{B:>6}{ttft * 1e3:>10.1f}{B / step:>14.1f}{step * 1e3:>9.2f}{frac:>9.0%}")
+        kv_bytes = 2 * cfg.n_layers * B * cfg.kv_heads * (T + N) * cfg.hd * itemsize
+        def row(name, m, p, note=lambda t: ""):
+            ttft, rest = _paired(*_jax_runner(m, p, B, T, N, args.int8_kv), args.repeats)
+            t = rest / (N - 1)
+            print(f"{name:<8}{B:>6}{ttft * 1e3:>10.1f}{B / t:>14.1f}{t * 1e3:>9.2f}{(w_bytes + kv_bytes) / bw / t:>9.0%}"
+                  f"{note(t)}")
+            return ttft, t
+        ttft, step = row("jaxtx", dmodel, dparams)
+        if args.scan:
+            row("scanned", model, params, lambda t: f"   unrolled is {t / step:.2f}x faster")
         if torch_ok:
             tt_f, tg_f = _torch_runner(cfg, B, T, N)
             tttft, trest = _paired(tt_f, tg_f, args.repeats)

@@ -19,6 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 
 
+GPU_BACKENDS = ("xla", "blockwise", "cudnn", "pallas_gpu")
+
+
 def rel(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
@@ -148,8 +151,7 @@ def main(argv=None) -> int:
     print(f"jax {jax.__version__}, devices {jax.devices()}", flush=True)
     if args.sweep_only:
         return sweep()
-    gpu = ("xla", "blockwise", "cudnn", "pallas_gpu")
-    rows = []
+    rows = Rows()
     cases = [dict(B=2, T=256, H=4, K=2, Hd=64, dtype=jnp.bfloat16)] if args.quick else [
         dict(B=2, T=2048, H=16, K=4, Hd=128, dtype=jnp.bfloat16),
         dict(B=2, T=2048, H=16, K=16, Hd=128, dtype=jnp.bfloat16, causal=False),
@@ -159,7 +161,7 @@ def main(argv=None) -> int:
         dict(B=1, T=1024, H=4, K=4, Hd=256, dtype=jnp.bfloat16),  # wide heads: the 64x64 forward tile
     ]
     for c in cases:
-        check_attention(rows, backends=gpu, **c)
+        check_attention(rows, backends=GPU_BACKENDS, **c)
     paged = [dict(B=4, H=8, K=2, Hd=128, page=16, pages_per_seq=4)] if args.quick else [
         dict(B=16, H=32, K=8, Hd=128, page=16, pages_per_seq=256),
         dict(B=16, H=32, K=8, Hd=128, page=16, pages_per_seq=256, int8=True),
@@ -168,26 +170,42 @@ def main(argv=None) -> int:
     ]
     for c in paged:
         check_paged(rows, **c)
-    print(f"\n{'case':<78}{'backend':<12}{'rel err out / dq / dk / dv':<40}finite  note")
-    bad = 0
-    for desc, backend, errs, finite, note in rows:
-        e = "n/a" if errs is None else " / ".join(f"{x:.1e}" for x in errs)
-        tol = 2e-2 if "bfloat16" in desc or "paged" in desc else 2e-3
-        refused = errs is None and "cannot run these arguments" in (note or "")  # the dispatcher's own refusal
-        ok = refused or (errs is not None and finite and max(errs) < tol)
-        bad += not ok
-        print(f"{desc:<78}{backend:<12}{e:<40}{str(finite):<8}{note or ''}{'' if ok else '  <-- FAIL'}")
-    sys.stdout.flush()
-    if args.quick or args.skip_bench:
-        return 1 if bad else 0
+    if not (args.quick or args.skip_bench):
+        benchmarks(args)
+    return 1 if rows.bad else 0
+
+
+def report_row(row) -> bool:
+    desc, backend, errs, finite, note = row
+    e = "n/a" if errs is None else " / ".join(f"{x:.1e}" for x in errs)
+    tol = 2e-2 if "bfloat16" in desc or "paged" in desc else 2e-3
+    refused = errs is None and "cannot run these arguments" in (note or "")  # the dispatcher's own refusal
+    ok = refused or (errs is not None and finite and max(errs) < tol)
+    print(f"{desc:<78}{backend:<12}{e:<40}{str(finite):<8}{note or ''}{'' if ok else '  <-- FAIL'}", flush=True)
+    return ok
+
+
+class Rows(list):
+    """Correctness rows, printed as they arrive (a run cut off by its time limit still shows what it measured)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bad = 0
+        print(f"\n{'case':<78}{'backend':<12}{'rel err out / dq / dk / dv':<40}finite  note", flush=True)
+
+    def append(self, row):
+        super().append(row)
+        self.bad += not report_row(row)
+
+
+def benchmarks(args) -> None:
     from jaxtx.kernels.bench import format_rows, run_bench
     for B, H, K, Hd, sizes in [(2, 16, 16, 128, [1024, 2048, 4096, 8192]), (2, 32, 8, 128, [2048, 8192])]:
-        r = run_bench(sizes=sizes, backends=gpu, batch=B, heads=H, kv_heads=K, head_dim=Hd,
+        r = run_bench(sizes=sizes, backends=GPU_BACKENDS, batch=B, heads=H, kv_heads=K, head_dim=Hd,
                       dtype=jnp.bfloat16, causal=True, window=None, iters=10, modes=("fwd", "fwd+bwd"))
         print("\n" + format_rows(r, f"attention B={B} H={H} K={K} Hd={Hd} bf16 causal"), flush=True)
     if not args.no_sweep:
         sweep()
-    return 1 if bad else 0
 
 
 def sweep() -> int:
