@@ -33,12 +33,21 @@ def token_nll(logits_BTV, targets_BT):
     return lse - picked
 
 
+def next_token_nll(logits_BTV, tokens_BT):
+    """-log p(tokens[t + 1] | tokens[<= t]) at every position t: [B, T]. The last position's target is a dummy
+    (causal_weights gives it weight 0). Scoring all T positions instead of slicing the logits to T - 1 saves a copy of
+    the largest activation in the forward and a pad of its gradient in the backward (measured: 0.96 s of a 12.9 s
+    step, 134M model, 8 x 256 tokens, V = 32k, CPU)."""
+    return token_nll(logits_BTV, jnp.roll(tokens_BT, -1, axis=1))
+
+
 def causal_weights(segment_ids_BT, loss_mask_BT=None):
-    """[B, T-1] weights of targets t+1 predicted at t: same segment (document) and not padding (and in loss_mask)."""
+    """[B, T] weight of the target t+1 predicted at position t: same segment (document) and not padding (and in
+    loss_mask); 0 at the last position, which predicts nothing."""
     w = (segment_ids_BT[:, 1:] == segment_ids_BT[:, :-1]) & (segment_ids_BT[:, 1:] > 0)
     if loss_mask_BT is not None:
         w = w & (loss_mask_BT[:, 1:] > 0)
-    return w.astype(jnp.float32)
+    return jnp.pad(w.astype(jnp.float32), ((0, 0), (0, 1)))
 
 
 def mlm_corrupt(tokens_BT, segment_ids_BT, rng, *, prob: float, mask_id: int, vocab: int):
@@ -78,7 +87,7 @@ def make_objective(model, cfg: ModelConfig, t: TrainConfig, *, mask_id: int = MA
         tokens, seg = batch["tokens"], batch["segment_ids"]
         logits, aux = _apply(model, params, tokens, segment_ids=seg, rng=rng, train=train)
         w = causal_weights(seg, batch.get(mask_key) if mask_key else None)
-        nll = token_nll(logits[:, :-1], tokens[:, 1:])
+        nll = next_token_nll(logits, tokens)
         n = w.sum()
         return (nll * w).sum() + aux * n, n, {"aux_loss": aux * n}
 
@@ -88,7 +97,7 @@ def make_objective(model, cfg: ModelConfig, t: TrainConfig, *, mask_id: int = MA
     def seq_logp(params, tokens, seg, mask, rng, train):
         logits, aux = _apply(model, params, tokens, segment_ids=seg, rng=rng, train=train)
         w = causal_weights(seg, mask)
-        return -(token_nll(logits[:, :-1], tokens[:, 1:]) * w).sum(-1), aux
+        return -(next_token_nll(logits, tokens) * w).sum(-1), aux
 
     def dpo(params, batch, rng, train, ref_params=None):
         both = {k: jnp.concatenate([batch[k], batch["rejected_" + k]]) for k in ("tokens", "segment_ids", "loss_mask")}

@@ -47,7 +47,7 @@ def test_causal_packed_loss_equals_sum_of_documents_alone():
 
 def test_causal_weights_never_cross_documents_or_padding():
     seg = jnp.asarray([[1, 1, 2, 2, 2, 0, 0]])
-    np.testing.assert_array_equal(np.asarray(causal_weights(seg)), [[1, 0, 1, 1, 0, 0]])
+    np.testing.assert_array_equal(np.asarray(causal_weights(seg)), [[1, 0, 1, 1, 0, 0, 0]])  # last: no target
 
 
 def test_sft_counts_response_tokens_only():
