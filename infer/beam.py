@@ -57,7 +57,7 @@ def _run(model, params, ids_BT, lens_B, eos_E, enc_ids, enc_mask, *, W, max_new,
     fin_score = jnp.full((B, W), NEG_INF)
     fin_seq = jnp.full((B, W, max_new), -1, jnp.int32)
     lp = lambda n: jnp.asarray(n, jnp.float32) ** length_penalty  # noqa: E731
-    ring, slots = cfg.window is not None, G.cache_slots(cfg, max_len)
+    ring = cfg.window is not None
 
     def body(s):
         i, logits, cache, pos, done, alive_logp, alive_seq, fin_score, fin_seq = s
@@ -78,7 +78,7 @@ def _run(model, params, ids_BT, lens_B, eos_E, enc_ids, enc_mask, *, W, max_new,
         parent = jnp.take_along_axis(beam, keep_idx, axis=1)  # [B, W] which old beam each survivor extends
         tok_alive = jnp.take_along_axis(tok, keep_idx, axis=1)
         # the last step (or a full cache) turns survivors into hypotheses too (transformers' finalize)
-        full = jnp.zeros((B,), bool) if ring else pos >= slots
+        full = jnp.zeros((B,), bool) if ring else pos >= cache.slots
         best_alive = alive_logp2[:, 0] / lp(i + 1)
         settled = (fin_score2[:, -1] > NEG_INF / 2) & (best_alive < fin_score2[:, -1])
         finalize = (last | full) & ~done & ~settled

@@ -68,6 +68,15 @@ def _paired(ttft_fn, gen_fn, repeats):
     return statistics.median(firsts), statistics.median(rests)
 
 
+def _timed_row(name, B, roofline_s, ttft_fn, gen_fn, *, N, repeats, note=lambda ttft, step: ""):
+    """Time one system (paired TTFT / generate runs), print its table row, return (ttft, step seconds)."""
+    ttft, rest = _paired(ttft_fn, gen_fn, repeats)
+    step = rest / (N - 1)
+    print(f"{name:<8}{B:>6}{ttft * 1e3:>10.1f}{B / step:>14.1f}{step * 1e3:>9.2f}{roofline_s / step:>9.0%}"
+          f"{note(ttft, step)}")
+    return ttft, step
+
+
 def measure_bandwidth(n_bytes=512 << 20, repeats=5) -> float:
     """Read bandwidth in bytes/s: a jitted sum over a float32 array much larger than the caches."""
     import jax
@@ -246,27 +255,20 @@ def run(args) -> int:
     dmodel, dparams = for_decoding(model, params)
     for B in args.batch:
         itemsize = 1 if args.int8_kv else 4
-        kv_bytes = 2 * cfg.n_layers * B * cfg.kv_heads * (T + N) * cfg.hd * itemsize
-        def row(name, m, p, note=lambda t: ""):
-            ttft, rest = _paired(*_jax_runner(m, p, B, T, N, args.int8_kv), args.repeats)
-            t = rest / (N - 1)
-            print(f"{name:<8}{B:>6}{ttft * 1e3:>10.1f}{B / t:>14.1f}{t * 1e3:>9.2f}{(w_bytes + kv_bytes) / bw / t:>9.0%}"
-                  f"{note(t)}")
-            return ttft, t
-        ttft, step = row("jaxtx", dmodel, dparams)
+        nbytes = w_bytes + 2 * cfg.n_layers * B * cfg.kv_heads * (T + N) * cfg.hd * itemsize  # read per step
+        ttft, step = _timed_row("jaxtx", B, nbytes / bw, *_jax_runner(dmodel, dparams, B, T, N, args.int8_kv),
+                                N=N, repeats=args.repeats)
         if args.scan:
-            row("scanned", model, params, lambda t: f"   unrolled is {t / step:.2f}x faster")
+            _timed_row("scanned", B, nbytes / bw, *_jax_runner(model, params, B, T, N, args.int8_kv), N=N,
+                       repeats=args.repeats, note=lambda tt, t: f"   unrolled is {t / step:.2f}x faster")
         if torch_ok:
-            tt_f, tg_f = _torch_runner(cfg, B, T, N)
-            tttft, trest = _paired(tt_f, tg_f, args.repeats)
-            tstep = trest / (N - 1)
-            print(f"{'torch':<8}{B:>6}{tttft * 1e3:>10.1f}{B / tstep:>14.1f}{tstep * 1e3:>9.2f}"
-                  f"{(w_bytes + kv_bytes) / bw / tstep:>9.0%}   jaxtx/torch decode {tstep / step:.2f}x, "
-                  f"TTFT {tttft / ttft:.2f}x")
+            _timed_row("torch", B, nbytes / bw, *_torch_runner(cfg, B, T, N), N=N, repeats=args.repeats,
+                       note=lambda tt, t: f"   jaxtx/torch decode {t / step:.2f}x, TTFT {tt / ttft:.2f}x")
     if args.speculative:
         t_ref, t_spec, acc, per = bench_speculative(model, params, T, N, args.speculative, args.draft_layers,
                                                     args.repeats, args.upper_scale)
         print(f"speculative (batch 1, k={args.speculative}, draft = first {args.draft_layers} of {cfg.n_layers} "
-              f"layers, upper layers x{args.upper_scale}): acceptance {acc:.1%}, {per:.2f} tokens per target pass, {N / t_spec:.1f} tok/s vs "
-              f"{N / t_ref:.1f} target-only: speedup {t_ref / t_spec:.2f}x (tokens identical to target greedy)")
+              f"layers, upper layers x{args.upper_scale}): acceptance {acc:.1%}, {per:.2f} tokens per target pass, "
+              f"{N / t_spec:.1f} tok/s vs {N / t_ref:.1f} target-only: speedup {t_ref / t_spec:.2f}x "
+              "(tokens identical to target greedy)")
     return 0

@@ -5,8 +5,9 @@ so the kernel dispatcher picks the fastest correct path per platform.
 
 Cache semantics (see jaxtx/cache.py): the layer gets k, v [B, K, S, Hd] (int8 + scales [B, K, S] when quantized),
 or, in a scanned stack, the arrays stacked over layers [L, ...] plus its index "layer": new tokens are then scattered
-straight into the stacked arrays (a few bytes per token) and attention reads this layer's slice. The model computes, once for all layers, the slot each new token is written to (`write_idx [B, T]`, S for
-"do not write") and the absolute position of every slot before (`kv_pos_old`) and after (`kv_pos_new`) the write.
+straight into the stacked arrays (a few bytes per token) and attention reads this layer's slice. The model computes,
+once for all layers, the slot each new token is written to (`write_idx [B, T]`, S for "do not write") and the
+absolute position every slot holds after the write (`kv_pos_new`; `kv_pos_concat` for the ring-buffer prefill below).
 - Usual case: write first, then attend over the whole cache with position masks.
 - Sliding-window ring buffer with T > 1 new tokens (prefill): a new token may overwrite a slot that an earlier new query
   still needs, so attend over [old cache ++ new tokens] first and write afterwards.
@@ -109,7 +110,8 @@ class Attention(nn.Module):
         i = cache.get("layer")  # None: the arrays are this layer's own
 
         def write(c, new):  # c [(L,) B, K, S, ...]; new [B, T, K, ...]: mixed indexing puts [B, T] first
-            return c.at[rows, :, idx].set(new, mode="drop") if i is None else c.at[i, rows, :, idx].set(new, mode="drop")
+            at = c.at[rows, :, idx] if i is None else c.at[i, rows, :, idx]
+            return at.set(new, mode="drop")
 
         def layer(c):
             return c if c is None or i is None else jax.lax.dynamic_index_in_dim(c, i, 0, keepdims=False)
