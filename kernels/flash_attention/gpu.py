@@ -30,7 +30,7 @@ from jaxtx.kernels.flash_attention.common import (MASK_VALUE, BlockSizes, MaskSp
 # Tiles wider than 128 two-byte elements per row (Hd > 128, or float32 inputs) keep the 64x64 forward tile: a 128x128
 # float32 tile at Hd 128 asked for 384 KiB of shared memory, over the H100's 227 KiB.
 DEFAULT_BLOCK_SIZES = BlockSizes(block_q=128, block_k=128, block_q_bwd=64, block_k_bwd=64)
-WIDE_HEAD_BLOCK_SIZES = BlockSizes(block_q=64, block_k=64, block_q_bwd=64, block_k_bwd=64)
+WIDE_ROW_BLOCK_SIZES = BlockSizes(block_q=64, block_k=64, block_q_bwd=64, block_k_bwd=64)
 
 
 def _pow2_at_least(x: int, lo: int = 16) -> int:
@@ -351,7 +351,7 @@ def flash_attention_gpu(q, k, v, *, causal=False, window=None, segment_ids=None,
                                      kv_segment_ids=kv_segment_ids, alibi_slopes=alibi_slopes)
     if block_sizes is None:
         row_bytes = _pow2_at_least(Hd) * jnp.dtype(q.dtype).itemsize
-        block_sizes = DEFAULT_BLOCK_SIZES if row_bytes <= 256 else WIDE_HEAD_BLOCK_SIZES
+        block_sizes = DEFAULT_BLOCK_SIZES if row_bytes <= 256 else WIDE_ROW_BLOCK_SIZES
     bs = block_sizes
     for name in ("block_q", "block_k", "bwd_q", "bwd_k"):
         val = getattr(bs, name)
