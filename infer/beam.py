@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtx.infer import generation as G
+from jaxtx.infer.prompts import check_options
 from jaxtx.infer import sampling as S
 
 NEG_INF = -1e30
@@ -112,6 +113,8 @@ def beam_search(model, params, prompts, *, num_beams: int, max_new_tokens: int, 
     """Beam search for each prompt (token-id lists, or a padded array with lengths; the encoder input for T5)."""
     if num_beams < 1:
         raise ValueError(f"num_beams={num_beams}: must be >= 1")
+    check_options(model.cfg, max_new_tokens=max_new_tokens, eos_id=eos_id, max_len=max_len, num_beams=num_beams,
+                  length_penalty=length_penalty)
     d = G._prepare(model, prompts, lengths, max_new_tokens, max_len, 0, bucket)
     eos = np.asarray([-2] if eos_id is None else np.atleast_1d(eos_id), np.int32)  # -2 matches no token
     key = id(model)

@@ -201,6 +201,7 @@ def generate(model, params, prompts, *, max_new_tokens: int, sampling: S.Samplin
     stop / eos_id: stop token ids and token-id sequences. max_len: cache length (default: bucketed prompt length +
     max_new_tokens); a row whose cache is full stops with reason "length". quantize_kv: int8 KV cache.
     """
+    P.check_options(model.cfg, max_new_tokens=max_new_tokens, eos_id=eos_id, stop=stop, max_len=max_len)
     d = _prepare(model, prompts, lengths, max_new_tokens, max_len, seed, bucket)
     stop_items, packed = _stop_arg(stop, eos_id)
     out, logp, stopped = _compiled(model)(
@@ -232,6 +233,7 @@ def stream(model, params, prompts, *, max_new_tokens: int, sampling: S.Sampling 
            bucket: bool = True) -> Iterator[np.ndarray]:
     """Yield the new token of every prompt at each step, [B] int (-1 for rows already finished), same tokens as
     `generate` (stop tokens included here: the caller sees them arrive). The cache is donated step to step."""
+    P.check_options(model.cfg, max_new_tokens=max_new_tokens, eos_id=eos_id, stop=stop, max_len=max_len)
     d = _prepare(model, prompts, lengths, max_new_tokens, max_len, seed, bucket)
     _, packed = _stop_arg(stop, eos_id)
     st, enc = _stream_prefill(model, params, d["ids"], d["lens"], d["live"], d["enc_ids"], d["enc_mask"],

@@ -29,6 +29,7 @@ import numpy as np
 from jaxtx.infer import generation as G
 from jaxtx.infer import sampling as S
 from jaxtx.infer import stop as stop_lib
+from jaxtx.infer.prompts import check_options
 from jaxtx.infer.speculative_rule import accept
 
 
@@ -160,6 +161,7 @@ def speculative_generate(target, tparams, draft, dparams, prompts, *, max_new_to
                          "(the acceptance rule needs the distributions of all k+1 positions at once)")
     if k < 1:
         raise ValueError(f"k={k}: the draft must propose at least one token per round")
+    check_options(target.cfg, max_new_tokens=max_new_tokens, eos_id=eos_id, stop=stop, k=k)
     limit = min([m.cfg.max_seq_len for m in (target, draft) if m.cfg.position == "learned"] + [1 << 62])
     d = G._prepare(target, prompts, lengths, max_new_tokens, None, seed, bucket)
     longest = int(d["lens"].max())
