@@ -1,0 +1,146 @@
+"""`jaxtx serve`: an OpenAI-compatible HTTP server on the engine.
+
+    jaxtx serve --hf path/to/hf_model --port 8000
+    jaxtx serve --run runs/tiny --chat-template chat.jinja --api-key sk-local
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics (Prometheus).
+Startup compiles every step bucket of the engine (nothing compiles while serving) and prints what it compiled, the KV
+pages and their memory, and the URL. SIGTERM / SIGINT: stop accepting, let in-flight requests finish for --grace
+seconds, abort the rest, exit 0.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", metavar="RUN_DIR", help="a `jaxtx train` run dir (sentencepiece tokenizer)")
+    src.add_argument("--hf", metavar="HF_DIR", help="a Hugging Face model directory (config.json, safetensors, "
+                                                    "tokenizer.json)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step of --run (default: latest)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None, help="the `model` name clients send (default: the dir name)")
+    p.add_argument("--max-seqs", type=int, default=16, help="sequences decoded at once")
+    p.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
+    p.add_argument("--num-pages", type=int, default=None, help="KV pages in the pool (default: max-seqs full-length "
+                                                               "sequences)")
+    p.add_argument("--max-model-len", type=int, default=None, help="prompt + completion tokens of one sequence "
+                                                                   "(default: the model's max_seq_len)")
+    p.add_argument("--max-tokens-per-step", type=int, default=256, help="token budget of one engine step")
+    p.add_argument("--decode-steps", type=int, default=8, help="decode steps per jitted loop when nothing waits")
+    p.add_argument("--no-prompt-logprobs", action="store_true",
+                   help="do not compile the prompt-scoring variant (halves warm-up; echo logprobs then 400)")
+    p.add_argument("--int8-kv", action="store_true", help="int8 KV pages")
+    p.add_argument("--chat-template", metavar="FILE", default=None, help="a jinja chat template (overrides the "
+                                                                         "model's)")
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 routes")
+    p.add_argument("--max-queue", type=int, default=512, help="sequences in flight before 503 (default 512)")
+    p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get at shutdown")
+    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=run)
+
+
+def _load(args):
+    from pathlib import Path
+
+    from jaxtx.infer import loading
+    from jaxtx.infer.server import tokenizer as tok_lib
+
+    if args.run:
+        loaded = loading.load_run(args.run, args.step)
+        tok_file = Path(args.run) / "tokenizer.model"
+        import yaml
+        conf = yaml.safe_load((Path(args.run) / "config.yaml").read_text()) or {}
+        tok_file = Path((conf.get("data") or {}).get("tokenizer") or tok_file)
+        if not tok_file.exists():
+            raise ValueError(f"--run {args.run}: no tokenizer ({tok_file}); the server needs one")
+        tok = tok_lib.load_run_tokenizer(tok_file)
+    else:
+        loaded = loading.load_hf(args.hf)
+        tok = tok_lib.load_hf_tokenizer(args.hf)
+    if args.chat_template:
+        tok.chat_template = Path(args.chat_template).read_text(encoding="utf-8")
+        from jaxtx.infer.server.chat_template import compile_template
+        compile_template(tok.chat_template)  # a syntax error fails startup, not every request
+    if tok.vocab_size > loaded.model.cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} pieces but the model's vocab_size="
+                         f"{loaded.model.cfg.vocab_size}")
+    return loaded, tok
+
+
+def _kv_page_bytes(cfg, page_size: int, int8: bool) -> int:
+    k = cfg.n_kv_heads or cfg.n_heads
+    hd = cfg.head_dim or cfg.d_model // cfg.n_heads
+    per_token = 2 * cfg.n_layers * k * (hd * (1 if int8 else 4 if cfg.dtype == "float32" else 2) + (4 if int8 else 0))
+    return per_token * page_size
+
+
+def build(args):
+    """(app, description lines): the model, engine (warmed up) and FastAPI app for these arguments."""
+    from pathlib import Path
+
+    from jaxtx.infer.engine import Engine, EngineConfig
+    from jaxtx.infer.generation import for_decoding
+    from jaxtx.infer.server.app import ServeConfig, create_app
+
+    t0 = time.perf_counter()
+    loaded, tok = _load(args)
+    model, params = for_decoding(loaded.model, loaded.params)  # unrolled layers decode faster (see for_decoding)
+    cfg = model.cfg
+    max_len = args.max_model_len or cfg.max_seq_len
+    num_pages = args.num_pages or args.max_seqs * -(-max_len // args.page_size)
+    ecfg = EngineConfig(max_seqs=args.max_seqs, page_size=args.page_size, num_pages=num_pages,
+                        max_tokens_per_step=args.max_tokens_per_step, max_model_len=max_len,
+                        quantize_kv=args.int8_kv, decode_steps=args.decode_steps,
+                        prompt_logprobs=not args.no_prompt_logprobs)
+    t1 = time.perf_counter()
+    engine = Engine(model, params, ecfg)
+    t2 = time.perf_counter()
+    name = args.served_model_name or Path(args.run or args.hf).resolve().name
+    config = ServeConfig(model_name=name, max_model_len=engine.max_model_len, model_vocab=cfg.vocab_size,
+                         api_key=args.api_key, max_queue=args.max_queue)
+    app = create_app(engine, tok, config)
+    kv = getattr(engine, "kv_bytes", None) or num_pages * _kv_page_bytes(cfg, args.page_size, args.int8_kv)
+    lines = [
+        f"model      {name}: {cfg.n_layers} layers, D={cfg.d_model}, V={cfg.vocab_size}, max_model_len "
+        f"{engine.max_model_len} (loaded in {t1 - t0:.1f} s)",
+        f"compiled   {engine.compiled()} executables for token buckets {list(ecfg.token_buckets())}"
+        + (f" and decode loops {list(ecfg.decode_buckets())}" if ecfg.decode_steps > 1 else "")
+        + (" (+ prompt-logprob variants)" if ecfg.prompt_logprobs else "") + f" in {t2 - t1:.1f} s",
+        f"KV cache   {num_pages} pages x {args.page_size} tokens, {kv / 2**20:.1f} MiB"
+        + (" (int8)" if args.int8_kv else ""),
+        f"chat       {'template loaded' if tok.chat_template else 'no chat template: /v1/chat/completions -> 400'}",
+    ]
+    return app, lines
+
+
+def run(args) -> int:
+    import uvicorn
+
+    app, lines = build(args)
+    for line in lines:
+        print(line, flush=True)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            # uvicorn re-raises the signal after its graceful shutdown (the process then dies "by SIGTERM"); a
+            # requested shutdown that went cleanly should exit 0, so only record it
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
+            else:
+                self.should_exit = True
+
+    server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                   timeout_graceful_shutdown=args.grace, access_log=args.log_level in ("info",
+                                                                                                       "debug")))
+    print(f"serving    http://{args.host}:{args.port}/v1  (OpenAI API; GET /health, /metrics)", flush=True)
+    server.run()
+    print("jaxtx serve: shut down cleanly", file=sys.stderr, flush=True)
+    return 0
