@@ -26,6 +26,15 @@ BACKENDS = ("auto", "xla", "blockwise", "pallas_tpu", "pallas_gpu", "cudnn")
 # 3.6x non-causal; causal 1.5x / 2.2x) and by 6x / 15x at T = 4096 causal; at T = 64 they tie (fwd+bwd 0.87x).
 # Tiny problems keep the single fused XLA graph (less compile time, no loops).
 XLA_MAX_TS = 128 * 128
+# The one platform -> Pallas backend map of every kernel family (flash, paged, ragged paged attention).
+PALLAS_BACKEND = {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu"}
+
+
+def kernel_backend(cpu_backend, *, interpret=False, platform=None):
+    """What backend="auto" means for a kernel family: the platform's Pallas kernel; on CPU `cpu_backend` (its jnp
+    body), or the GPU-style Pallas kernel in interpret mode when interpret=True (how tests run the kernels on CPU)."""
+    platform = platform or jax.default_backend()
+    return PALLAS_BACKEND.get(platform, "pallas_gpu" if interpret else cpu_backend)
 
 
 def cudnn_unsupported_reason(q, k, *, causal=False, window=None, segment_ids=None, kv_segment_ids=None,

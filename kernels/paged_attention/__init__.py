@@ -9,6 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxtx.kernels.paged_attention.ragged import RAGGED_BACKENDS, ragged_paged_attention
+from jaxtx.kernels.paged_attention.ragged_reference import ragged_paged_attention_xla
 from jaxtx.kernels.paged_attention.reference import paged_attention_reference
 
 PAGED_BACKENDS = ("auto", "xla", "pallas_gpu", "pallas_tpu")
@@ -81,4 +83,5 @@ def paged_attention(q, k_pages, v_pages, lengths, page_indices, *, k_scales=None
     return o[:, 0] if squeeze else o
 
 
-__all__ = ["paged_attention", "paged_attention_reference"]
+__all__ = ["RAGGED_BACKENDS", "paged_attention", "paged_attention_reference", "ragged_paged_attention",
+           "ragged_paged_attention_xla"]
