@@ -228,6 +228,7 @@ def create_app(engine, tokenizer: Tokenizer, config: ServeConfig) -> FastAPI:
             for j in range(n):
                 rid = f"{uuid.uuid4().hex}"
                 choices.append(Choice(p * n + j, rid, tokenizer, ids, stop=req.stop, discard_output=discard))
+                choices[-1].first_of_prompt = j == 0
                 guide = structured.Guide(compiler[0], grammar) if grammar is not None else None
                 kw = dict(base_kwargs, seed=(seed0 + j) % 2**32, allowed_tokens=structured.combine(guide, bias_mask))
                 all_ids.append(ids)
@@ -240,14 +241,18 @@ def create_app(engine, tokenizer: Tokenizer, config: ServeConfig) -> FastAPI:
         return job
 
     def usage(job: _Job, prompts: list[list[int]], n: int) -> S.Usage:
+        """OpenAI counts each prompt once however many choices share it; cached tokens come from the prefix cache."""
         prompt_tokens = sum(len(p) for p in prompts)
         completion = sum(len(c.token_ids) for c in job.choices)
         cached = sum(max(c.cached_tokens for c in job.choices[i * n:(i + 1) * n]) for i in range(len(prompts)))
-        metrics.prompt_tokens += prompt_tokens
-        metrics.completion_tokens += completion
         return S.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,
                        total_tokens=prompt_tokens + completion,
                        prompt_tokens_details=S.PromptTokensDetails(cached_tokens=cached))
+
+    def account(job: _Job, endpoint: str, status: int, t0: float) -> None:
+        metrics.request_done(endpoint, status, time.monotonic() - t0)
+        metrics.prompt_tokens += sum(len(c.prompt_ids) for c in job.choices if c.first_of_prompt)
+        metrics.completion_tokens += sum(len(c.token_ids) for c in job.choices)
 
     async def run(request, job, t0, endpoint, stream_body, final_body, stream: bool):
         """Stream SSE chunks, or wait for every choice and answer once."""
@@ -263,7 +268,7 @@ def create_app(engine, tokenizer: Tokenizer, config: ServeConfig) -> FastAPI:
                     yield f"data: {e.response().body.decode()}\n\n"
                 finally:
                     job.abort()  # a disconnect cancels this generator: free the pages now
-                    metrics.request_done(endpoint, status, time.monotonic() - t0)
+                    account(job, endpoint, status, t0)
             return StreamingResponse(gen(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
             while not job.done:
@@ -275,7 +280,7 @@ def create_app(engine, tokenizer: Tokenizer, config: ServeConfig) -> FastAPI:
         except BaseException:
             job.abort()
             raise
-        metrics.request_done(endpoint, 200, time.monotonic() - t0)
+        account(job, endpoint, 200, t0)
         return Response(final_body().model_dump_json(), media_type="application/json")
 
     # ---------------------------------------------------------------------------------------------- routes

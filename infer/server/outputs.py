@@ -29,6 +29,7 @@ class Choice:
         self.finish_reason: Optional[str] = None
         self.cached_tokens = 0
         self.first = True  # the next chunk is this choice's first (chat: it carries the role)
+        self.first_of_prompt = True  # the first of the n choices of its prompt (usage counts a prompt once)
 
     @property
     def finished(self) -> bool:
