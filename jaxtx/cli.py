@@ -48,7 +48,9 @@ def _register_core(sub) -> None:
     p = sub.add_parser("convert", help="convert checkpoints between Hugging Face safetensors and jaxtx (orbax)",
                        description="--from-hf DIR --to DIR writes a jaxtx checkpoint (orbax params + config); "
                                    "--from-jaxtx DIR --to-hf --to DIR writes a directory transformers can load. "
-                                   "Only safetensors are read; pickle files are never loaded.")
+                                   "Only safetensors are read; pickle files are never loaded. The source is never "
+                                   "written; a non-empty --to needs --force, and the new folder is written aside "
+                                   "and renamed into place, so a failure leaves --to as it was.")
     try:
         from jaxtx import hf
 

@@ -9,7 +9,6 @@ unexpected, wrongly shaped or typed tensors) is reported by name in one HFConver
 """
 from __future__ import annotations
 
-import argparse
 import json
 from collections import Counter
 from pathlib import Path
@@ -19,28 +18,52 @@ import numpy as np
 from jaxtx.config import ModelConfig
 from jaxtx.hf import mapping
 from jaxtx.hf.config import SUPPORTED, HFConversionError, config_from_hf, config_to_hf, family_of
-from jaxtx.hf.safetensors_io import TensorFile, write
+from jaxtx.hf.convert import add_convert_args, convert_main, folder_kind
+from jaxtx.hf.safetensors_io import SafetensorsError, TensorFile, write
 
 __all__ = ["load", "save", "config_from_hf", "config_to_hf", "HFConversionError", "SUPPORTED", "convert_main",
            "add_convert_args", "save_jaxtx", "load_jaxtx"]
-
 _FLOATS = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 _MAX_LISTED = 100
+_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 def _dtype_name(dtype) -> str:
     import jax.numpy as jnp
-    name = np.dtype(jnp.dtype(dtype)).name
-    if name not in ("float32", "bfloat16", "float16", "float64"):
-        raise HFConversionError(f"dtype={dtype!r}: expected float32, bfloat16, float16 or float64")
+    try:
+        name = np.dtype(jnp.dtype(dtype)).name
+    except TypeError:  # jnp.dtype("floaty"): "data type 'floaty' not understood"
+        name = None
+    if name not in _DTYPES:
+        raise HFConversionError(f"dtype={dtype!r}: expected one of {', '.join(_DTYPES)} (or None to keep the "
+                                "checkpoint's dtype)")
     return name
+
+
+def _read_json(file: Path, what: str):
+    """A JSON file's content; a file that is not UTF-8 JSON fails naming the file, line and column."""
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise HFConversionError(f"{file}: not UTF-8 text (byte {e.start}); expected the {what} as JSON") from None
+    except json.JSONDecodeError as e:
+        raise HFConversionError(f"{file}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); expected "
+                                f"the {what}") from None
 
 
 def _open(path: Path) -> dict[str, TensorFile]:
     """tensor name -> the TensorFile holding it, for model.safetensors or a sharded index."""
     index = path / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        content = _read_json(index, "shard index")
+        weight_map = content.get("weight_map") if isinstance(content, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise HFConversionError(f"{index}: field 'weight_map' missing or not an object of tensor name -> "
+                                    "shard file name")
+        files = sorted(set(weight_map.values()))
+        absent = [f for f in files if not (path / f).is_file()]
+        if absent:
+            raise HFConversionError(f"{index}: lists shard files that do not exist: {absent}")
     elif (path / "model.safetensors").exists():
         files = ["model.safetensors"]
     else:
@@ -153,18 +176,35 @@ def _check_against_model(model, tree: dict) -> None:
 
 def load(path, *, dtype=None, scan_layers: bool = True):
     """(model, params) from an HF directory. dtype=None keeps the checkpoint's float dtype (params and compute);
-    a dtype casts every param to it. Params are a plain nested dict of jnp arrays in the jaxtx layout."""
+    a dtype casts every param to it. Params are a plain nested dict of jnp arrays in the jaxtx layout.
+    A bad directory, config.json or safetensors file raises HFConversionError naming the file (and field/tensor)."""
+    target = _dtype_name(dtype) if dtype is not None else None  # a bad dtype fails before any file is read
+    path = Path(path)
+    if not path.is_dir():
+        raise HFConversionError(f"{path}: {'a file' if path.exists() else 'no such folder'}; expected a Hugging "
+                                "Face model directory (config.json + *.safetensors)")
+    if folder_kind(path) in ("run", "jaxtx"):
+        raise HFConversionError(f"{path}: a jaxtx model or training run dir, not a Hugging Face directory; read it "
+                                "with jaxtx.hf.load_jaxtx (CLI: jaxtx convert --from-jaxtx)")
+    if not (path / "config.json").exists():
+        raise HFConversionError(f"{path}: no config.json (expected a Hugging Face model directory)")
+    hf_cfg = _read_json(path / "config.json", "model config")
+    cfg = config_from_hf(hf_cfg, str(path / "config.json"))
+    mt = hf_cfg["model_type"]
+    try:
+        files = _open(path)
+        return _load_tensors(path, cfg, mt, files, target, scan_layers)
+    except SafetensorsError as e:  # one exception type for every checkpoint problem
+        raise HFConversionError(str(e)) from None
+
+
+def _load_tensors(path: Path, cfg: ModelConfig, mt: str, files: dict[str, TensorFile], target: str | None,
+                  scan_layers: bool):
+    """Check every tensor against the config (one error lists all problems), then map them to jaxtx params."""
     import jax
     import jax.numpy as jnp
 
     import jaxtx.model
-    path = Path(path)
-    if not (path / "config.json").exists():
-        raise HFConversionError(f"{path}: no config.json (expected a Hugging Face model directory)")
-    hf_cfg = json.loads((path / "config.json").read_text())
-    cfg = config_from_hf(hf_cfg)
-    mt = hf_cfg["model_type"]
-    files = _open(path)
     names = mapping.canonical_names(mt, list(files))  # canonical -> name in the file
     get = lambda n: files[names[n]].get(names[n])  # noqa: E731
     cfg, ignore, problems = _adjust(cfg, mt, names, get)
@@ -192,7 +232,7 @@ def load(path, *, dtype=None, scan_layers: bool = True):
                                 f"{cfg.n_layers} layers, D={cfg.d_model}, V={cfg.vocab_size}):\n" + "\n".join(parts))
 
     stored = Counter(_FLOATS[files[names[n]].meta[names[n]][0]] for n in used).most_common(1)[0][0]
-    target = _dtype_name(dtype) if dtype is not None else stored
+    target = target or stored
     np_target = np.dtype(jnp.dtype(target))
     flat = {}
     for e in entries:
@@ -283,30 +323,3 @@ def load_jaxtx(path) -> tuple[ModelConfig, dict]:
     cfg = jaxtx.config.from_dict(json.loads((path / "config.json").read_text()), str(path / "config.json"))
     abstract = nn.unbox(jaxtx.model.abstract_params(jaxtx.model.build(cfg)))
     return cfg, ocp.StandardCheckpointer().restore(path / "params", abstract)
-
-
-def add_convert_args(parser: argparse.ArgumentParser) -> None:
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--from-hf", metavar="DIR", help="HF directory (config.json + *.safetensors) to read")
-    src.add_argument("--from-jaxtx", metavar="DIR",
-                     help="jaxtx directory (config.json + orbax params/, as --from-hf writes) or a training run dir "
-                          "(its newest checkpoint)")
-    parser.add_argument("--to", required=True, metavar="DIR", help="output directory")
-    parser.add_argument("--to-hf", action="store_true", help="write an HF directory (with --from-jaxtx)")
-
-
-def convert_main(args: argparse.Namespace) -> int:
-    """`jaxtx convert --from-hf DIR --to DIR` or `jaxtx convert --from-jaxtx DIR --to-hf --to DIR`."""
-    if args.from_hf:
-        if args.to_hf:
-            raise SystemExit("jaxtx convert: --from-hf writes a jaxtx directory; drop --to-hf")
-        model, params = load(args.from_hf, scan_layers=True)
-        save_jaxtx(model.cfg, params, args.to)
-        print(f"wrote jaxtx {family_of(model.cfg)} model ({model.cfg.n_layers} layers) to {args.to}")
-    else:
-        if not args.to_hf:
-            raise SystemExit("jaxtx convert: --from-jaxtx needs --to-hf (the only target format)")
-        cfg, params = load_jaxtx(args.from_jaxtx)
-        save(cfg, params, args.to)
-        print(f"wrote HF {family_of(cfg)} model to {args.to}")
-    return 0

@@ -22,19 +22,69 @@ class HFConversionError(ValueError):
     """A checkpoint or config that jaxtx cannot convert; the message lists every offending name."""
 
 
-def _act(hf_name: str, field: str) -> str:
+class _Fields(dict):
+    """config.json fields. A field read with [] is required: absent or null raises one error naming the file and
+    the field (a plain dict would raise a bare KeyError: 'n_embd' traceback). .get() reads optional fields."""
+
+    def __init__(self, d: dict, source: str, what: str):
+        super().__init__(d)
+        self.source, self.what = source, what
+
+    def __getitem__(self, key):
+        value = self.get(key)
+        if value is None:
+            raise HFConversionError(f"{self.source}: missing required field {key!r} ({self.what})")
+        return value
+
+    def get(self, key, default=None):
+        value = super().get(key)
+        return default if value is None else value  # HF writes null for "not set", as good as absent
+
+
+# Numeric config.json fields and the type they must have; checked up front so that a string or a list fails naming
+# its field instead of deep inside ModelConfig or int()/float().
+_INT_FIELDS = {"vocab_size", "hidden_size", "num_attention_heads", "num_hidden_layers", "num_key_value_heads",
+               "head_dim", "intermediate_size", "max_position_embeddings", "sliding_window", "num_local_experts",
+               "num_experts_per_tok", "n_embd", "n_layer", "n_head", "n_inner", "n_positions", "type_vocab_size",
+               "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads",
+               "relative_attention_num_buckets", "relative_attention_max_distance"}
+_FLOAT_FIELDS = {"rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps", "rope_theta", "router_aux_loss_coef"}
+_STR_FIELDS = {"hidden_act", "activation_function", "feed_forward_proj", "position_embedding_type"}
+
+
+def _check_types(d: dict, source: str) -> None:
+    for k, v in d.items():
+        if v is None:
+            continue
+        if k in _INT_FIELDS and (isinstance(v, bool) or not isinstance(v, int)):
+            raise HFConversionError(f"{source}: {k}={v!r}, expected an integer")
+        if k in _FLOAT_FIELDS and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise HFConversionError(f"{source}: {k}={v!r}, expected a number")
+        if k in _STR_FIELDS and not isinstance(v, str):
+            raise HFConversionError(f"{source}: {k}={v!r}, expected a string")
+
+
+def _act(hf_name: str, field: str, source: str) -> str:
     if hf_name not in _ACT:
-        raise HFConversionError(f"config.json {field}={hf_name!r}: unsupported activation; "
+        raise HFConversionError(f"{source}: {field}={hf_name!r}: unsupported activation; "
                                 f"expected one of {sorted(_ACT)}")
     return _ACT[hf_name]
 
 
-def _rope(d: dict) -> dict:
+def _rope(d: _Fields) -> dict:
     """rope_theta + scaling fields from a v5 `rope_parameters` or a v4 `rope_theta`/`rope_scaling` config."""
-    p = dict(d.get("rope_parameters") or {})
+    for key in ("rope_parameters", "rope_scaling"):
+        if not isinstance(d.get(key) or {}, dict):
+            raise HFConversionError(f"{d.source}: {key}={d[key]!r}, expected an object (or null)")
+    p = _Fields(d.get("rope_parameters") or {}, d.source, "in rope_parameters")
     theta = p.get("rope_theta", d.get("rope_theta", 10000.0))
     if p.get("rope_type", "default") == "default" and d.get("rope_scaling"):
-        p = dict(d["rope_scaling"])  # a v4 file
+        p = _Fields(d["rope_scaling"], d.source, "in rope_scaling")  # a v4 file
+    _check_types(p, f"{d.source} rope parameters")
+    for k in ("factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow",
+              "original_max_position_embeddings"):
+        if p.get(k) is not None and (isinstance(p[k], bool) or not isinstance(p[k], (int, float))):
+            raise HFConversionError(f"{d.source}: rope {k}={p[k]!r}, expected a number")
     kind = p.get("rope_type", p.get("type", "default"))
     out: dict[str, Any] = {"rope_theta": float(theta)}
     if kind == "default":
@@ -49,21 +99,28 @@ def _rope(d: dict) -> dict:
     if kind == "yarn":
         extra = {k for k in ("attention_factor", "mscale", "mscale_all_dim", "truncate") if p.get(k) is not None}
         if extra:
-            raise HFConversionError(f"config.json rope_parameters: YaRN options {sorted(extra)} are not supported by "
+            raise HFConversionError(f"{d.source} rope_parameters: YaRN options {sorted(extra)} are not supported by "
                                     "jaxtx (only factor, original_max_position_embeddings, beta_fast, beta_slow)")
         return {**out, "rope_scaling": "yarn", "rope_factor": float(p["factor"]),
                 "rope_original_max_len": int(p.get("original_max_position_embeddings")
-                                              or d.get("max_position_embeddings")),
+                                              or d["max_position_embeddings"]),
                 "yarn_beta_fast": float(p.get("beta_fast", 32.0)), "yarn_beta_slow": float(p.get("beta_slow", 1.0))}
-    raise HFConversionError(f"config.json rope type {kind!r}: unsupported; jaxtx converts default, linear, llama3, "
+    raise HFConversionError(f"{d.source}: rope type {kind!r}: unsupported; jaxtx converts default, linear, llama3, "
                             "yarn")
 
 
-def config_from_hf(d: dict) -> ModelConfig:
-    """A jaxtx ModelConfig equivalent to an HF config.json dict (float32; `load` adjusts dtype and tying)."""
+def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
+    """A jaxtx ModelConfig equivalent to an HF config.json dict (float32; `load` adjusts dtype and tying).
+    `source` names the file in error messages."""
+    if not isinstance(d, dict):
+        raise HFConversionError(f"{source}: a JSON {type(d).__name__}, expected an object of config fields")
     mt = d.get("model_type")
+    if mt is None:
+        raise HFConversionError(f"{source}: missing required field 'model_type'; expected one of {list(SUPPORTED)}")
     if mt not in SUPPORTED:
-        raise HFConversionError(f"config.json model_type={mt!r}: unsupported; jaxtx.hf converts {list(SUPPORTED)}")
+        raise HFConversionError(f"{source}: model_type={mt!r}: unsupported; jaxtx.hf converts {list(SUPPORTED)}")
+    _check_types(d, source)
+    d = _Fields(d, source, f"model_type {mt}")
     name = str(d.get("_name_or_path") or mt)
     if mt in ROPE_FAMILIES:
         D, H = d["hidden_size"], d["num_attention_heads"]
@@ -71,7 +128,7 @@ def config_from_hf(d: dict) -> ModelConfig:
                   n_kv_heads=d.get("num_key_value_heads") or H, head_dim=d.get("head_dim") or D // H,
                   d_ff=d["intermediate_size"], max_seq_len=d.get("max_position_embeddings", 2048), norm="rmsnorm",
                   norm_eps=float(d.get("rms_norm_eps", 1e-6)), position="rope", **_rope(d),
-                  activation=_act(d.get("hidden_act", "silu"), "hidden_act"), gated=True,
+                  activation=_act(d.get("hidden_act", "silu"), "hidden_act", source), gated=True,
                   qkv_bias=bool(d.get("attention_bias", False)), out_bias=bool(d.get("attention_bias", False)),
                   mlp_bias=bool(d.get("mlp_bias", False)),
                   tie_embeddings=bool(d.get("tie_word_embeddings", False)))
@@ -83,23 +140,24 @@ def config_from_hf(d: dict) -> ModelConfig:
     elif mt == "gpt2":
         D = d["n_embd"]
         if d.get("scale_attn_by_inverse_layer_idx") or d.get("scale_attn_weights") is False:
-            raise HFConversionError("config.json gpt2: scale_attn_by_inverse_layer_idx=true or "
+            raise HFConversionError(f"{source}: gpt2 scale_attn_by_inverse_layer_idx=true or "
                                     "scale_attn_weights=false is not supported (jaxtx scales by Hd**-0.5)")
         kw = dict(kind="decoder", vocab_size=d["vocab_size"], d_model=D, n_layers=d["n_layer"], n_heads=d["n_head"],
                   d_ff=d.get("n_inner") or 4 * D, max_seq_len=d["n_positions"], norm="layernorm", norm_bias=True,
                   norm_eps=float(d.get("layer_norm_epsilon", 1e-5)), position="learned", qkv_bias=True,
-                  out_bias=True, activation=_act(d.get("activation_function", "gelu_new"), "activation_function"),
+                  out_bias=True, activation=_act(d.get("activation_function", "gelu_new"), "activation_function",
+                                                 source),
                   gated=False, mlp_bias=True, tie_embeddings=True)
     elif mt == "bert":
         if d.get("position_embedding_type", "absolute") != "absolute":
-            raise HFConversionError(f"config.json position_embedding_type={d['position_embedding_type']!r}: only "
+            raise HFConversionError(f"{source}: position_embedding_type={d['position_embedding_type']!r}: only "
                                     "'absolute' is supported")
         kw = dict(kind="encoder", vocab_size=d["vocab_size"], d_model=d["hidden_size"],
                   n_layers=d["num_hidden_layers"], n_heads=d["num_attention_heads"], d_ff=d["intermediate_size"],
                   max_seq_len=d["max_position_embeddings"], norm="layernorm", norm_bias=True,
                   norm_eps=float(d.get("layer_norm_eps", 1e-12)), norm_position="post", final_norm=False,
                   embed_norm=True, position="learned", qkv_bias=True, out_bias=True,
-                  activation=_act(d.get("hidden_act", "gelu"), "hidden_act"), gated=False, mlp_bias=True,
+                  activation=_act(d.get("hidden_act", "gelu"), "hidden_act", source), gated=False, mlp_bias=True,
                   tie_embeddings=True, type_vocab_size=d.get("type_vocab_size", 2), pooler=True, mlm_head=True)
     else:  # t5
         proj = d.get("feed_forward_proj", "relu")
@@ -114,12 +172,12 @@ def config_from_hf(d: dict) -> ModelConfig:
                   norm="rmsnorm", norm_eps=float(d.get("layer_norm_epsilon", 1e-6)), position="t5",
                   t5_num_buckets=d.get("relative_attention_num_buckets", 32),
                   t5_max_distance=d.get("relative_attention_max_distance", 128), softmax_scale=1.0,
-                  activation=_act(act, "feed_forward_proj"), gated=gated, tie_embeddings=rescale,
+                  activation=_act(act, "feed_forward_proj", source), gated=gated, tie_embeddings=rescale,
                   rescale_tied_logits=rescale)
     try:
         return ModelConfig(name=name, **kw)
     except ConfigError as e:
-        raise HFConversionError(f"config.json ({mt}) maps to an invalid ModelConfig: {e}") from e
+        raise HFConversionError(f"{source} ({mt}) maps to an invalid ModelConfig: {e}") from e
 
 
 # ------------------------------------------------------------------------------------------------ jaxtx -> HF
