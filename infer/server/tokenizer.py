@@ -176,6 +176,18 @@ class SentencePieceTokenizer(Tokenizer):
             return bytes([int(self.sp.id_to_piece(token_id)[3:5], 16)])
         return self.sp.id_to_piece(token_id).replace("\u2581", " ").encode("utf-8")
 
+    def _raw_processor(self):
+        """The same model without its text normalization: llguidance tokenizes grammar fragments (`{"`) mid-text,
+        where sentencepiece's dummy-prefix space and whitespace folding would change the bytes."""
+        import sentencepiece as spm
+        from sentencepiece import sentencepiece_model_pb2
+
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(self.sp.serialized_model_proto())
+        proto.normalizer_spec.add_dummy_prefix = False
+        proto.normalizer_spec.remove_extra_whitespaces = False
+        return spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+
     def guidance_tokenizer(self, n_vocab):
         import llguidance
 
@@ -183,6 +195,8 @@ class SentencePieceTokenizer(Tokenizer):
         # llguidance wants every id's bytes; special tokens get the 0xFF marker it uses for them
         tokens = [self.token_bytes(i) if i < self.vocab_size and i not in self.special_ids else b"\xff" + str(i).encode()
                   for i in range(n)]
+
+        raw = self._raw_processor()
 
         class _Wrapped:
             eos_token_id = self.eos_ids[0] if self.eos_ids else self.sp.eos_id()
@@ -193,7 +207,7 @@ class SentencePieceTokenizer(Tokenizer):
                 w.tokens = tokens
 
             def __call__(w, s):
-                return list(self.sp.encode(s if isinstance(s, str) else s.decode("utf-8", "replace")))
+                return list(raw.encode(s if isinstance(s, str) else s.decode("utf-8", "replace")))
 
         return llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Wrapped()), n_vocab=n,
                                       eos_token=list(self.eos_ids) or None)

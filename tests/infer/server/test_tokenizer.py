@@ -122,3 +122,27 @@ def test_sentencepiece_run_tokenizer(sp_model):
         assert want.strip() == text
         assert _check_stream(tok, ids, prompt) == want
         assert b"".join(tok.token_bytes(i) for i in ids).lstrip(b" ") == text.encode("utf-8")
+
+
+def test_sentencepiece_structured_output(sp_model):
+    """llguidance over a sentencepiece vocabulary: random walks under a schema mask parse and validate."""
+    import jsonschema
+
+    from jaxtx.infer.server import structured as G
+    tok = T.load_run_tokenizer(sp_model)
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string", "maxLength": 5}},
+              "required": ["a", "b"], "additionalProperties": False}
+    compiler = G.GuideCompiler(tok, tok.vocab_size + 5)  # a padded model vocab
+    grammar = G.json_grammar({"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        guide, ids = G.Guide(compiler, grammar), []
+        while True:
+            allowed = G.unpack(guide(ids), tok.vocab_size + 5)
+            assert not allowed[tok.vocab_size:].any()
+            t = int(rng.choice(np.nonzero(allowed)[0]))
+            if t in tok.eos_ids:
+                break
+            ids.append(t)
+            assert len(ids) < 300
+        jsonschema.validate(json.loads(tok.decode(ids)), schema)
