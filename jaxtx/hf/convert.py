@@ -83,6 +83,9 @@ def check_paths(src, dst, src_flag: str, force: bool) -> tuple[Path, Path]:
     if s.is_relative_to(d):
         raise HFConversionError(f"{both}: the source is inside the target; replacing the target would delete the "
                                 "source: choose a --to outside it")
+    if Path.cwd().resolve().is_relative_to(d) and d.exists():
+        raise HFConversionError(f"--to {dst} holds the current folder ({Path.cwd()}); replacing it would pull the "
+                                "folder out from under this shell: choose another --to")
     for parent in [d, *d.parents]:
         if parent.exists() and not parent.is_dir():
             raise HFConversionError(f"--to {dst}: {parent} is a file, expected a folder (or a path that does not "

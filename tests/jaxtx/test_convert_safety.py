@@ -137,6 +137,15 @@ def test_force_never_replaces_what_is_not_a_converted_model(tmp_path, capsys, ki
     assert checksums(to) == before
 
 
+def test_force_never_replaces_the_current_folder(tmp_path, capsys, monkeypatch):
+    to = hf_copy(tmp_path, "llama", to="out")
+    monkeypatch.chdir(to)
+    before = checksums(to)
+    rc, out = cli(capsys, "convert", "--from-hf", FIX / "gpt2", "--to", ".", "--force")
+    assert checksums(to) == before
+    assert rc == 2 and "current folder" in out, out
+
+
 def test_force_replaces_a_model_folder_whole(tmp_path, capsys, jaxtx_model):
     """--force: the llama folder (and its extra tokenizer file) becomes exactly the new gpt2 folder; no leftovers."""
     to = hf_copy(tmp_path, "llama", to="out")
