@@ -108,6 +108,8 @@ class _Job:
             if isinstance(ev, EngineDied):
                 raise APIError(503 if "shutting down" in ev.message else 500, ev.message)
             c = self.by_rid[ev.request_id]
+            if c.finished:  # events queued before a stop string ended it
+                continue
             before = len(c.token_ids)
             text = c.add(ev)
             if c.finish_reason == "stop" and not ev.finished:  # a stop string: the engine still runs it

@@ -226,3 +226,18 @@ def test_no_chat_template_is_a_400(tok):
     with http:
         r = http.post("/v1/chat/completions", json={"model": NAME, "messages": [{"role": "user", "content": "x"}]})
         assert r.status_code == 400 and "chat template" in r.json()["error"]["message"]
+
+
+def test_one_finish_chunk_per_choice_when_events_outrun_a_stop(tok):
+    """A fast engine (4 tokens per event, no step time) queues events past a stop string before the abort lands:
+    each choice still ends exactly once."""
+    _, http = _serve(tok, FakeEngine(V, tokens_per_step=4, step_s=0.0))
+    with http:
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=http, max_retries=0)
+        full = client.completions.create(model=NAME, prompt="Hello", max_tokens=40, temperature=0).choices[0].text
+        chunks = list(client.completions.create(model=NAME, prompt="Hello", max_tokens=40, temperature=0,
+                                                stop=[full[4:6]], stream=True, n=2))
+        ends = [c.choices[0].index for c in chunks if c.choices[0].finish_reason]
+        assert sorted(ends) == [0, 1]
+        for i in (0, 1):
+            assert "".join(c.choices[0].text for c in chunks if c.choices[0].index == i) == full[:full.find(full[4:6])]
