@@ -12,11 +12,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 
 from jaxtx.config import ModelConfig
 
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "int8": 1, "float64": 8,
                "fp8": 1}
+
+
+def _size(name: str, value, minimum: int = 0):
+    """A count (tokens, sequences) that must be a finite number >= minimum: a negative one gives negative bytes."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < minimum:
+        raise ValueError(f"{name}={value!r}: expected a number >= {minimum}")
+    return value
 
 
 def dtype_bytes(name: str) -> int:
@@ -113,6 +121,7 @@ def matmul_params(cfg: ModelConfig) -> int:
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Forward FLOPs per token at context length T = seq_len: 2·N + 2·n_layers·T·D."""
+    _size("seq_len", seq_len)
     layers = cfg.n_layers + (2 * cfg.decoder_layers if cfg.kind == "encoder_decoder" else 0)
     return 2.0 * matmul_params(cfg) + 2.0 * layers * seq_len * cfg.d_model
 
@@ -133,6 +142,8 @@ def kv_cache_bytes_per_token(cfg: ModelConfig, dtype: str = "bfloat16") -> int:
 
 def kv_cache_bytes(cfg: ModelConfig, seq_len: int, batch: int = 1, dtype: str = "bfloat16") -> int:
     """Cache bytes for `batch` sequences of `seq_len` tokens (a sliding window caps the tokens kept)."""
+    _size("seq_len", seq_len)
+    _size("batch", batch)
     kept = seq_len if cfg.window is None else min(seq_len, cfg.window)
     return batch * kept * kv_cache_bytes_per_token(cfg, dtype)
 
@@ -149,8 +160,10 @@ def train_memory_bytes(cfg: ModelConfig, param_dtype: str = "float32", grad_dtyp
 
 def chinchilla(compute_flops: float, tokens_per_param: float = 20.0) -> tuple[float, float]:
     """Compute-optimal (N params, D tokens) for C ≈ 6·N·D with D ≈ 20·N (Hoffmann et al. 2022)."""
-    if compute_flops <= 0:
-        raise ValueError(f"compute budget {compute_flops}: must be > 0 FLOPs")
+    if not math.isfinite(compute_flops) or compute_flops <= 0:
+        raise ValueError(f"compute budget {compute_flops}: must be > 0 FLOPs and finite")
+    if not math.isfinite(tokens_per_param) or tokens_per_param <= 0:
+        raise ValueError(f"tokens_per_param={tokens_per_param}: must be a finite number > 0")
     n = math.sqrt(compute_flops / (6.0 * tokens_per_param))
     return n, tokens_per_param * n
 
@@ -172,6 +185,8 @@ def human_bytes(n: float) -> str:
 def report(cfg: ModelConfig, seq_len: int = 2048, batch: int = 1, kv_dtype: str = "bfloat16",
            compute: float | None = None) -> str:
     """The text `jaxtx info` prints."""
+    _size("seq_len", seq_len, 1)
+    _size("batch", batch, 1)
     c = param_counts(cfg)
     lines = [f"{cfg.name}: {cfg.kind}, L={cfg.n_layers}, D={cfg.d_model}, H={cfg.n_heads}, K={cfg.kv_heads}, "
              f"Hd={cfg.hd}, F={cfg.d_ff}, V={cfg.vocab_size}" + (f", E={cfg.num_experts} top-{cfg.experts_per_token}"
@@ -190,7 +205,7 @@ def report(cfg: ModelConfig, seq_len: int = 2048, batch: int = 1, kv_dtype: str 
     m = train_memory_bytes(cfg)
     lines.append("training memory (fp32 params, grads, Adam moments; no activations): " +
                  ", ".join(f"{k} {human_bytes(v)}" for k, v in m.items()))
-    if compute:
+    if compute is not None:  # 0 or a negative budget is refused by chinchilla, not skipped
         n, d = chinchilla(compute)
         lines.append(f"Chinchilla-optimal for C={compute:.3g} FLOPs: N={human(n)} params, D={human(d)} tokens")
     return "\n".join(lines)
