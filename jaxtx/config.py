@@ -12,6 +12,7 @@ import difflib
 import functools
 import importlib.resources
 import math
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -134,41 +135,44 @@ class ModelConfig:
 
     # ---------------------------------------------------------------- validation
     def __post_init__(self):
+        types = _field_types()
         for f in dataclasses.fields(self):
-            _check_type(f.name, getattr(self, f.name), _field_types()[f.name])
-        positive = ["vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"]
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"ModelConfig.{name}={getattr(self, name)}: must be >= 1")
-        for name in ["n_decoder_layers", "n_kv_heads", "head_dim"]:
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise ConfigError(f"ModelConfig.{name}={v}: must be >= 1 (or null for the default)")
+            _check_type(f.name, getattr(self, f.name), types[f.name])
+        for name, bounds in MODEL_DOMAINS.items():
+            check_bounds("ModelConfig", name, getattr(self, name), **bounds)
         if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
             raise ConfigError(f"ModelConfig.n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}: "
                               "each kv head must serve the same number of query heads")
         if self.head_dim is None and self.d_model % self.n_heads:
             raise ConfigError(f"ModelConfig.d_model={self.d_model} is not divisible by n_heads={self.n_heads}: "
                               "set head_dim explicitly or pick a width that divides")
-        if self.window is not None and self.window < 1:
-            raise ConfigError(f"ModelConfig.window={self.window}: must be >= 1 (or null for full attention)")
-        if self.num_experts < 0:
-            raise ConfigError(f"ModelConfig.num_experts={self.num_experts}: must be >= 0 (0 = dense FFN)")
         if self.is_moe and not 1 <= self.experts_per_token <= self.num_experts:
             raise ConfigError(f"ModelConfig.experts_per_token={self.experts_per_token}: must be in "
                               f"[1, num_experts={self.num_experts}]")
-        if self.capacity_factor is not None and self.capacity_factor <= 0:
-            raise ConfigError(f"ModelConfig.capacity_factor={self.capacity_factor}: must be > 0 (or null = dropless)")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"ModelConfig.dropout={self.dropout}: must be in [0, 1)")
-        if self.norm_eps <= 0:
-            raise ConfigError(f"ModelConfig.norm_eps={self.norm_eps}: must be > 0")
         if self.position == "rope" and self.hd % 2:
             raise ConfigError(f"ModelConfig.head_dim={self.hd}: RoPE rotates pairs, head_dim must be even")
         if self.rope_scaling != "none" and self.rope_factor < 1.0:
             raise ConfigError(f"ModelConfig.rope_factor={self.rope_factor}: a context extension factor must be >= 1")
-        if self.position == "t5" and self.t5_num_buckets < 2:
-            raise ConfigError(f"ModelConfig.t5_num_buckets={self.t5_num_buckets}: must be >= 2")
+        # llama3 smooths between the two wavelength cut-offs, dividing by (high - low): equal factors give NaN
+        # frequencies, a reversed pair swaps which band is scaled.
+        if self.rope_scaling == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            raise ConfigError(f"ModelConfig.rope_high_freq_factor={self.rope_high_freq_factor}: must be > "
+                              f"rope_low_freq_factor={self.rope_low_freq_factor} (llama3 scaling)")
+        # YaRN ramps from the dimension where beta_fast rotations fit the old context to where beta_slow do.
+        if self.rope_scaling == "yarn" and self.yarn_beta_fast <= self.yarn_beta_slow:
+            raise ConfigError(f"ModelConfig.yarn_beta_fast={self.yarn_beta_fast}: must be > "
+                              f"yarn_beta_slow={self.yarn_beta_slow}")
+        if self.position == "t5":
+            # Buckets below max_exact are exact offsets, the rest log-spaced up to max_distance: the log ratio
+            # log(max_distance / max_exact) must be positive. A bidirectional stack (encoder) halves the buckets
+            # per direction, so it needs 4 for max_exact >= 1.
+            min_buckets = 2 if self.kind == "decoder" else 4
+            if self.t5_num_buckets < min_buckets:
+                raise ConfigError(f"ModelConfig.t5_num_buckets={self.t5_num_buckets}: must be >= {min_buckets} "
+                                  f"(kind={self.kind!r})")
+            if self.t5_max_distance <= self.t5_num_buckets // 2:
+                raise ConfigError(f"ModelConfig.t5_max_distance={self.t5_max_distance}: must be > "
+                                  f"t5_num_buckets // 2 = {self.t5_num_buckets // 2} (the exact-offset buckets)")
         if self.kind == "encoder_decoder" and self.position not in ("t5", "none", "sinusoidal", "learned"):
             raise ConfigError(f"ModelConfig.position={self.position!r}: encoder_decoder supports t5, learned, "
                               "sinusoidal or none")
@@ -177,6 +181,54 @@ class ModelConfig:
         if self.kind == "encoder_decoder" and self.window is not None:
             raise ConfigError(f"ModelConfig.window={self.window}: sliding windows are supported for decoder and "
                               "encoder kinds only (kind='encoder_decoder')")
+
+
+# The domain of every numeric ModelConfig field (a test checks that none is missing). Floats must also be finite.
+_POS, _NULL = {"ge": 1}, " (or null for the default)"
+MODEL_DOMAINS: dict[str, dict] = {
+    "vocab_size": _POS, "d_model": _POS, "n_layers": _POS, "n_heads": _POS, "d_ff": _POS, "max_seq_len": _POS,
+    "n_decoder_layers": {"ge": 1, "why": _NULL}, "n_kv_heads": {"ge": 1, "why": _NULL},
+    "head_dim": {"ge": 1, "why": _NULL},
+    "norm_eps": {"gt": 0},
+    # theta <= 1 makes every pair rotate at least once per position: positions alias instead of being encoded
+    "rope_theta": {"gt": 1, "why": " (the RoPE base, e.g. 10000)"},
+    "rope_factor": {"gt": 0}, "rope_original_max_len": _POS,
+    "rope_low_freq_factor": {"gt": 0}, "rope_high_freq_factor": {"gt": 0},
+    "yarn_beta_fast": {"gt": 0}, "yarn_beta_slow": {"gt": 0},
+    "t5_num_buckets": {"ge": 2}, "t5_max_distance": _POS,
+    "window": {"ge": 1, "why": " (or null for full attention)"},
+    "softmax_scale": {"gt": 0, "why": " (or null for head_dim ** -0.5)"},
+    "num_experts": {"ge": 0, "why": " (0 = dense FFN)"}, "experts_per_token": _POS,
+    "capacity_factor": {"gt": 0, "why": " (or null = dropless)"},
+    "router_aux_loss_coef": {"ge": 0}, "router_z_loss_coef": {"ge": 0},
+    "type_vocab_size": {"ge": 0, "why": " (0 = none)"},
+    "dropout": {"ge": 0, "lt": 1}, "init_std": {"gt": 0},
+}
+
+
+def _fmt_bound(x) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def check_bounds(owner: str, name: str, value: Any, *, gt=None, ge=None, lt=None, le=None, why: str = "") -> None:
+    """ConfigError `owner.name=value: must be <rule>` unless value is None or a finite number within the bounds.
+
+    NaN compares False with everything, so a plain `value <= 0` check lets it through; finiteness is checked first.
+    """
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    lo = f"> {_fmt_bound(gt)}" if gt is not None else f">= {_fmt_bound(ge)}" if ge is not None else ""
+    hi = f"< {_fmt_bound(lt)}" if lt is not None else f"<= {_fmt_bound(le)}" if le is not None else ""
+    if lo and hi:
+        rule = (f"in {'(' if gt is not None else '['}{_fmt_bound(gt if gt is not None else ge)}, "
+                f"{_fmt_bound(lt if lt is not None else le)}{')' if lt is not None else ']'}")
+    else:
+        rule = lo or hi
+    ok = math.isfinite(value) and ((gt is None or value > gt) and (ge is None or value >= ge)
+                                   and (lt is None or value < lt) and (le is None or value <= le))
+    if not ok:
+        finite = "a finite number " if isinstance(value, float) and not math.isfinite(value) else ""
+        raise ConfigError(f"{owner}.{name}={value!r}: must be {finite}{rule}{why}")
 
 
 @functools.cache
@@ -211,16 +263,110 @@ def _check_type(name: str, value: Any, tp: Any, owner: str = "ModelConfig") -> N
         raise ConfigError(f"{owner}.{name}={value!r}: expected {tp.__name__}, got {type(value).__name__}")
 
 
+# ------------------------------------------------------------------------------------------------ YAML files
+class _Loader(yaml.SafeLoader):
+    """Safe YAML with two fixes for config files: a key given twice is an error (PyYAML silently keeps the last one,
+    so `lr:` written twice trains with whichever came second), and `1e-4` is a float (YAML 1.1 wants `1.0e-4` and
+    reads `1e-4` as a string)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                m = key_node.start_mark
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (first on line {seen[key] + 1})", m)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+
+def load_yaml(path: str | Path) -> Any:
+    """Parse one YAML file; every failure is a one-line ConfigError naming the file (and line:column for syntax)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (invalid byte at offset {e.start}); expected a YAML file") from e
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from e
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = " ".join(str(e.problem or e.context or "syntax error").split())
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from e
+
+
+def find_config_file(name_or_path: str | Path, folders: list[str], what: str) -> Path:
+    """An existing file, or a preset name looked up as configs/<folder>/<name>[.yaml] for each folder in order.
+
+    `configs/tiny.yaml` resolves from any working directory (the shipped configs are package data).
+    """
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if path.is_file() and path.suffix in (".yaml", ".yml"):
+        return path
+    rel = text.removeprefix("configs/")
+    cands = [configs_dir() / rel] if rel != text else []
+    cands += [c for f in folders for c in (configs_dir() / f / rel, configs_dir() / f / f"{rel}.yaml")]
+    for cand in [*cands, path]:  # a preset name wins over a same-named file without a .yaml suffix
+        if cand.is_file():
+            return cand
+    if path.suffix in (".yaml", ".yml") or "/" in text:  # meant as a path, not a preset name
+        kind = "a directory, expected a YAML file" if path.is_dir() else "no such file"
+        raise ConfigError(f"{what} {text!r}: {kind}")
+    names = sorted({p.stem for f in folders for p in (configs_dir() / f).glob("*.yaml")})
+    hint = difflib.get_close_matches(text, names, n=1)
+    extra = f"; did you mean {hint[0]!r}?" if hint else ""
+    raise ConfigError(f"{what} {text!r} not found: expected a YAML path or one of {names}{extra}")
+
+
+def load_config_file(name_or_path: str | Path, folders: list[str], what: str) -> tuple[Path, dict]:
+    """find_config_file + load_yaml, and the top level must be a mapping (an empty file is {})."""
+    path = find_config_file(name_or_path, folders, what)
+    d = load_yaml(path)
+    if d is None:
+        return path, {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a mapping of {what} keys, got {type(d).__name__}")
+    return path, d
+
+
 # ------------------------------------------------------------------------------------------------ overrides
 def parse_value(text: str) -> Any:
-    """Parse one override value with YAML rules: 3 -> int, 1e-4 -> float, true -> bool, null -> None."""
-    v = yaml.safe_load(text)
-    if isinstance(v, str):  # YAML 1.1 reads "1e-4" as a string; accept it as a float
+    """Parse one override value with YAML rules: 3 -> int, 1e-4 -> float, true -> bool, null -> None, nan -> nan."""
+    try:
+        v = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError:  # e.g. `a: b` inside a value: keep the text as typed
+        return text
+    if isinstance(v, str):  # `nan`, `inf` (YAML wants .nan / .inf): numbers, so range checks can refuse them
         try:
             return float(v)
         except ValueError:
             return v
     return v
+
+
+def parse_overrides(overrides: list[str] | dict | None, example: str) -> list[tuple[str, Any]]:
+    """`key=value` strings (or a dict) -> [(key, parsed value)]; `example` shows the expected form in the error."""
+    if not overrides:
+        return []
+    if isinstance(overrides, dict):
+        return list(overrides.items())
+    items = []
+    for o in overrides:
+        if "=" not in o:
+            raise ConfigError(f"override {o!r}: expected the form {example}")
+        k, v = o.split("=", 1)
+        items.append((k.strip(), parse_value(v)))
+    return items
 
 
 def coerce(owner: str, name: str, value: Any, tp: Any) -> Any:
@@ -235,7 +381,7 @@ def coerce(owner: str, name: str, value: Any, tp: Any) -> Any:
 
 
 def unknown_key_error(owner: str, key: str, valid: list[str]) -> ConfigError:
-    hint = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
     extra = f"; did you mean {hint[0]!r}?" if hint else f"; valid keys: {', '.join(sorted(valid))}"
     return ConfigError(f"{owner}: unknown key {key!r}{extra}")
 
@@ -253,17 +399,9 @@ def from_dict(d: dict, source: str = "config") -> ModelConfig:
 
 def apply_overrides(cfg: ModelConfig, overrides: list[str] | dict | None) -> ModelConfig:
     """Apply `field=value` strings (or a dict) to a config; every change is type-checked and validated."""
-    if not overrides:
+    items = parse_overrides(overrides, "field=value, e.g. n_layers=4")
+    if not items:
         return cfg
-    if isinstance(overrides, dict):
-        items = list(overrides.items())
-    else:
-        items = []
-        for o in overrides:
-            if "=" not in o:
-                raise ConfigError(f"override {o!r}: expected the form field=value, e.g. n_layers=4")
-            k, v = o.split("=", 1)
-            items.append((k.strip(), parse_value(v)))
     d = cfg.to_dict()
     types = _field_types()
     for k, v in items:
@@ -285,18 +423,7 @@ def preset_names() -> list[str]:
 
 def load_model_config(preset: str | Path, overrides: list[str] | dict | None = None) -> ModelConfig:
     """A preset name under configs/models/ or a path to a YAML file, then dotted overrides."""
-    path = Path(preset)
-    if not (path.suffix in (".yaml", ".yml") and path.exists()):
-        path = configs_dir() / "models" / f"{preset}.yaml"
-        if not path.exists():
-            names = preset_names()
-            hint = difflib.get_close_matches(str(preset), names, n=1)
-            extra = f"; did you mean {hint[0]!r}?" if hint else ""
-            raise ConfigError(f"model preset {str(preset)!r} not found: expected a YAML path or one of {names}{extra}")
-    with open(path) as f:
-        d = yaml.safe_load(f) or {}
-    if not isinstance(d, dict):
-        raise ConfigError(f"{path}: expected a mapping of ModelConfig fields, got {type(d).__name__}")
+    path, d = load_config_file(preset, ["models"], "model preset")
     d.setdefault("name", path.stem)
     return apply_overrides(from_dict(d, str(path)), overrides)
 

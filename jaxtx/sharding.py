@@ -26,10 +26,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import yaml
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from jaxtx.config import ConfigError, coerce, configs_dir, parse_value, unknown_key_error
+from jaxtx.config import ConfigError, coerce, load_config_file, parse_overrides, unknown_key_error
 
 AXES = ("data", "fsdp", "tensor", "expert")
 Rules = tuple  # tuple[tuple[str, str | tuple[str, ...] | None], ...] — Flax's LogicalRules format
@@ -135,18 +134,8 @@ class MeshConfig:
 
 def load_mesh_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> MeshConfig:
     """A preset under configs/meshes/ or a YAML path, then `axis=value` overrides."""
-    path = Path(name_or_path)
-    if not (path.suffix in (".yaml", ".yml") and path.exists()):
-        path = configs_dir() / "meshes" / f"{name_or_path}.yaml"
-        if not path.exists():
-            names = sorted(p.stem for p in (configs_dir() / "meshes").glob("*.yaml"))
-            raise ConfigError(f"mesh preset {str(name_or_path)!r} not found: expected a YAML path or one of {names}")
-    d = yaml.safe_load(path.read_text()) or {}
-    for o in overrides:
-        if "=" not in o:
-            raise ConfigError(f"mesh override {o!r}: expected axis=value, e.g. fsdp=4")
-        k, v = o.split("=", 1)
-        d[k.strip()] = parse_value(v)
+    path, d = load_config_file(name_or_path, ["meshes"], "mesh preset")
+    d.update(parse_overrides(list(overrides), "axis=value, e.g. fsdp=4"))
     return MeshConfig.from_dict(d, str(path))
 
 

@@ -10,24 +10,43 @@ from __future__ import annotations
 import dataclasses
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
-import yaml
-
+from jaxtx.config import (ConfigError, ModelConfig, check_bounds, coerce, find_config_file, load_config_file,
+                          load_model_config, parse_overrides, unknown_key_error)
 from jaxtx.sharding import MeshConfig
-from jaxtx.config import (ConfigError, ModelConfig, coerce, configs_dir, load_model_config, parse_value,
-                          unknown_key_error)
 
 Objective = Literal["causal", "mlm", "span", "sft", "dpo"]
-Source = Literal["stdlib", "text", "jsonl", "synthetic"]
+Source = Literal["auto", "stdlib", "text", "jsonl", "synthetic"]
 Task = Literal["reverse", "copy", "sort"]
 Decay = Literal["cosine", "linear", "constant"]
+
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")  # data.source=auto reads a data.path ending in these as JSON Lines
+
+
+def infer_source(path: Optional[str]) -> str:
+    """data.source=auto: no path -> stdlib; a path (file, glob or folder) ending in .jsonl/.ndjson/.json -> jsonl;
+    any other path -> text."""
+    if not path:
+        return "stdlib"
+    return "jsonl" if path.rstrip("/").lower().endswith(JSONL_SUFFIXES) else "text"
+
+
+def _check_fields(owner: str, obj, domains: dict) -> None:
+    for name, bounds in domains.items():
+        check_bounds(owner, name, getattr(obj, name), **bounds)
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    source: Source = "stdlib"  # stdlib: the Python standard library's own .py files (present on every machine)
-    path: Optional[str] = None  # text/jsonl: a file or a glob
+    """Where documents come from. `source` auto (the default) is resolved on construction from `path`: no path ->
+    stdlib (the Python standard library's own .py files, present on every machine); a path ending in .jsonl, .ndjson
+    or .json -> jsonl (one JSON record per line); any other file, glob or folder -> text (one UTF-8 file = one
+    document). An explicit source that cannot read the path (stdlib/synthetic with a path, text on a .jsonl path) is
+    refused rather than silently ignoring the user's data."""
+
+    source: Source = "auto"
+    path: Optional[str] = None  # text/jsonl: a file, a glob (`data/**/*.txt`) or a folder (every file below it)
     text_field: str = "text"  # jsonl field for causal/mlm/span
     prompt_field: str = "prompt"  # sft/dpo
     response_field: str = "response"  # sft
@@ -43,19 +62,50 @@ class DataConfig:
     min_digits: int = 3
     max_digits: int = 8
 
+    def __post_init__(self):
+        _check_fields("data", self, {"eval_fraction": {"gt": 0, "lt": 1}, "max_chars": {"ge": 0, "why": " (0 = all)"},
+                                     "tokenizer_train_chars": {"ge": 1}, "n_examples": {"ge": 2},
+                                     "min_digits": {"ge": 1}})
+        if self.max_digits < self.min_digits:
+            raise ConfigError(f"data.max_digits={self.max_digits}: must be >= data.min_digits={self.min_digits}")
+        for name in ["path", "text_field", "prompt_field", "response_field", "chosen_field", "rejected_field",
+                     "tokenizer"]:
+            if getattr(self, name) == "":
+                raise ConfigError(f"data.{name}='': must not be empty")
+        if self.source == "auto":
+            object.__setattr__(self, "source", infer_source(self.path))  # frozen: resolved once, here
+        elif self.source in ("stdlib", "synthetic") and self.path:
+            raise ConfigError(f"data.source={self.source!r} does not read data.path={self.path!r}: set "
+                              f"data.source={infer_source(self.path)} (or data.source=auto to infer it from the path)")
+        elif self.source in ("text", "jsonl") and not self.path:
+            raise ConfigError(f"data.source={self.source!r} needs data.path (a file, a glob or a folder)")
+        elif self.source == "text" and infer_source(self.path) == "jsonl":
+            raise ConfigError(f"data.source='text' would read data.path={self.path!r} as plain text, JSON syntax "
+                              "included: set data.source=jsonl (or data.source=auto)")
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 3e-4
+    lr: float = 3e-4  # peak learning rate, reached after warmup_steps
+    # linear warmup from 0; capped at train.steps - 1 (optim.lr_schedule), so a short smoke run of a config
+    # (train.steps=6 on a 10-step warmup) still reaches optim.lr instead of being refused
     warmup_steps: int = 100
     decay: Decay = "cosine"
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
-    weight_decay: float = 0.1
+    weight_decay: float = 0.1  # AdamW decoupled decay, on weight matrices only
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
-    clip_norm: float = 1.0  # global-norm clipping; 0 = off
+    clip_norm: Optional[float] = 1.0  # global-norm clipping; 0 or null = off
     grad_accum: int = 1  # micro-batches per update; train.batch_size is split into this many
+
+    def __post_init__(self):
+        # A negative lr ascends the loss, b1/b2 >= 1 never forget (b = 1 divides by 1 - b**t = 0 in the bias
+        # correction), eps = 0 divides by zero where a gradient is zero: each trained "successfully" before.
+        _check_fields("optim", self, {
+            "lr": {"gt": 0}, "warmup_steps": {"ge": 0}, "min_lr_ratio": {"ge": 0, "le": 1},
+            "weight_decay": {"ge": 0}, "b1": {"ge": 0, "lt": 1}, "b2": {"ge": 0, "lt": 1}, "eps": {"gt": 0},
+            "clip_norm": {"ge": 0, "why": " (0 or null = off)"}, "grad_accum": {"ge": 1}})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,14 +116,14 @@ class TrainConfig:
     seq_len: int = 256  # rows of this many tokens (encoder length for span corruption)
     seed: int = 0
     log_every: int = 10
-    eval_every: int = 100
+    eval_every: int = 100  # eval loss every this many steps and at the end; 0 = only at the end (no periodic eval)
     eval_batches: int = 4
-    ckpt_every: int = 100
+    ckpt_every: int = 100  # checkpoint every this many steps; 0 = only the final one (and on SIGTERM/SIGINT)
     keep_ckpts: int = 3
     async_ckpt: bool = True
     skip_nonfinite: bool = False  # True: skip a non-finite update and count it; False: stop with an error
     progress: bool = True  # the tqdm bar
-    samples: int = 3  # greedy samples printed at the end (decoder objectives)
+    samples: int = 3  # greedy samples printed at the end (decoder objectives); 0 = none
     sample_tokens: int = 64
     # objective knobs
     mlm_prob: float = 0.15  # BERT: share of tokens chosen; of those 80% [MASK], 10% random, 10% kept
@@ -82,6 +132,20 @@ class TrainConfig:
     target_len: int = 0  # T5 decoder length (0 = derived from seq_len and noise density)
     dpo_beta: float = 0.1
     init_from: Optional[str] = None  # a checkpoint dir whose params start the run (e.g. SFT before DPO); also DPO ref
+
+    def __post_init__(self):
+        _check_fields("train", self, {
+            "steps": {"ge": 1}, "batch_size": {"ge": 1},
+            "seq_len": {"ge": 2, "why": " (a causal row needs a token and its successor)"},
+            # grain's shuffle takes seeds in [0, 2**32) and the span-corruption map uses seed + 1
+            "seed": {"ge": 0, "lt": 2 ** 31}, "log_every": {"ge": 1},
+            "eval_every": {"ge": 0, "why": " (0 = eval only at the end)"}, "eval_batches": {"ge": 1},
+            "ckpt_every": {"ge": 0, "why": " (0 = only the final checkpoint)"}, "keep_ckpts": {"ge": 1},
+            "samples": {"ge": 0}, "sample_tokens": {"ge": 1},
+            "mlm_prob": {"gt": 0, "lt": 1}, "noise_density": {"gt": 0, "lt": 1}, "mean_span": {"ge": 1},
+            "target_len": {"ge": 0, "why": " (0 = derived)"}, "dpo_beta": {"gt": 0}})
+        if self.init_from == "":
+            raise ConfigError("train.init_from='': must be a checkpoint dir (or null)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,53 +172,41 @@ SECTIONS = {"data": DataConfig, "optim": OptimConfig, "mesh": MeshConfig, "train
 
 
 def _section(cls, values: dict, where: str):
+    """Errors name keys the way the user writes them: `optim.lr`, not `OptimConfig.lr`."""
     types = typing.get_type_hints(cls)
     clean = {}
     for k, v in values.items():
         if k not in types:
-            raise unknown_key_error(f"{where}.{cls.__name__}", k, list(types))
-        clean[k] = coerce(cls.__name__, k, v, types[k])
+            raise unknown_key_error(f"{where} section", k, list(types))
+        clean[k] = coerce(where, k, v, types[k])
     return cls(**clean)
-
-
-def _split_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
-    items = []
-    for o in overrides or []:
-        if "=" not in o:
-            raise ConfigError(f"override {o!r}: expected the form section.key=value, e.g. train.steps=200")
-        k, v = o.split("=", 1)
-        items.append((k.strip(), parse_value(v)))
-    return items
 
 
 def resolve_run_path(path: str | Path) -> Path:
     """A YAML path, or a name under the shipped configs/ (`tiny`) or configs/runs/ (`causal`)."""
-    p = Path(path)
-    if p.exists():
-        return p
-    rel = str(path).removeprefix("configs/")  # `configs/tiny.yaml` works from any directory
-    for cand in (configs_dir() / rel, configs_dir() / f"{rel}.yaml", configs_dir() / "runs" / f"{rel}.yaml"):
-        if cand.exists():
-            return cand
-    raise ConfigError(f"run config {str(path)!r} not found: expected a YAML path or a name under {configs_dir()}")
+    return find_config_file(path, ["", "runs"], "run config")
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Read a run config YAML (or start from defaults with path=None), apply dotted overrides, validate."""
     raw: dict = {}
+    where = "run config"
     if path is not None:
-        p = resolve_run_path(path)
-        with open(p) as f:
-            raw = yaml.safe_load(f) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{p}: expected a mapping with sections model/data/optim/mesh/train, got {type(raw).__name__}")
+        p, raw = load_config_file(path, ["", "runs"], "run config")
+        where = str(p)
     valid_top = ["model", "out_dir", *SECTIONS]
     for k in raw:
         if k not in valid_top:
-            raise unknown_key_error(f"run config {path}", k, valid_top)
-    tree = {s: dict(raw.get(s) or {}) for s in ["model", *SECTIONS]}
+            raise unknown_key_error(where, k, valid_top)
+    tree = {}
+    for s in ["model", *SECTIONS]:
+        section = raw.get(s)
+        if section is not None and not isinstance(section, dict):
+            raise ConfigError(f"{where}: section {s!r} must be a mapping of keys, got {type(section).__name__} "
+                              f"{section!r}")
+        tree[s] = dict(section or {})
     out_dir = raw.get("out_dir", "runs/default")
-    for key, value in _split_overrides(overrides):
+    for key, value in parse_overrides(overrides, "section.key=value, e.g. train.steps=200"):
         if key == "out_dir":
             out_dir = value
             continue
@@ -162,48 +214,36 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None)
         if section not in tree or not field:
             raise unknown_key_error("run config override", key, [f"{s}.<key>" for s in tree] + ["out_dir"])
         tree[section][field] = value
+    if not isinstance(out_dir, str) or not out_dir:
+        raise ConfigError(f"out_dir={out_dir!r}: expected a folder path")
     model = tree["model"]
     preset = model.pop("preset", None)
     if preset is None:
         raise ConfigError("run config: model.preset is required (a name under configs/models/ or a YAML path)")
     cfg = RunConfig(model_preset=str(preset), model_overrides=tuple(sorted(model.items())),
-                    data=_section(DataConfig, tree["data"], "data"), optim=_section(OptimConfig, tree["optim"], "optim"),
-                    mesh=MeshConfig.from_dict(tree["mesh"], "mesh"), train=_section(TrainConfig, tree["train"], "train"),
-                    out_dir=str(out_dir))
+                    data=_section(DataConfig, tree["data"], "data"),
+                    optim=_section(OptimConfig, tree["optim"], "optim"),
+                    mesh=MeshConfig.from_dict(tree["mesh"], "mesh"),
+                    train=_section(TrainConfig, tree["train"], "train"), out_dir=str(out_dir))
     validate(cfg, cfg.model_config())
     return cfg
 
 
 def validate(cfg: RunConfig, model_cfg: ModelConfig) -> None:
-    """Rules checkable from the config alone (data- and device-dependent checks run in the loop, before compiling)."""
+    """Rules across fields and sections (each field's own domain is checked when its section is built; data- and
+    device-dependent checks run in the loop, before compiling)."""
     t, o, d = cfg.train, cfg.optim, cfg.data
-    for name in ["steps", "batch_size", "seq_len", "log_every", "eval_every", "ckpt_every", "keep_ckpts"]:
-        if getattr(t, name) < 1:
-            raise ConfigError(f"train.{name}={getattr(t, name)}: must be >= 1")
     if t.seq_len > model_cfg.max_seq_len:
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds the model's position limit "
                           f"model.max_seq_len={model_cfg.max_seq_len}")
-    if o.grad_accum < 1 or t.batch_size % o.grad_accum:
+    if t.batch_size % o.grad_accum:
         raise ConfigError(f"optim.grad_accum={o.grad_accum}: must be >= 1 and divide train.batch_size={t.batch_size}")
-    if not 0 <= o.min_lr_ratio <= 1:
-        raise ConfigError(f"optim.min_lr_ratio={o.min_lr_ratio}: must be in [0, 1]")
-    if not 0 < d.eval_fraction < 1:
-        raise ConfigError(f"data.eval_fraction={d.eval_fraction}: must be in (0, 1)")
-    if d.source in ("text", "jsonl") and not d.path:
-        raise ConfigError(f"data.source={d.source!r} needs data.path (a file or a glob)")
     need = {"causal": "decoder", "sft": "decoder", "dpo": "decoder", "mlm": "encoder", "span": "encoder_decoder"}
     if model_cfg.kind != need[t.objective]:
         raise ConfigError(f"train.objective={t.objective!r} needs a model of kind {need[t.objective]!r}; "
                           f"model.kind={model_cfg.kind!r}")
     if t.objective in ("sft", "dpo") and d.source not in ("jsonl", "synthetic"):
-        raise ConfigError(f"train.objective={t.objective!r} reads prompt/response records: set data.source=jsonl "
-                          "(or synthetic)")
-    if d.source == "synthetic" and not 1 <= d.min_digits <= d.max_digits:
-        raise ConfigError(f"data.min_digits={d.min_digits}, data.max_digits={d.max_digits}: need 1 <= min <= max")
+        raise ConfigError(f"train.objective={t.objective!r} reads prompt/response records, but data.source="
+                          f"{d.source!r}: set data.source=jsonl with data.path=FILE.jsonl (or data.source=synthetic)")
     if t.objective == "mlm" and not model_cfg.mlm_head:
         raise ConfigError("train.objective='mlm' needs model.mlm_head=true")
-    if not 0 < t.mlm_prob < 1 or not 0 < t.noise_density < 1 or t.mean_span < 1:
-        raise ConfigError(f"train.mlm_prob={t.mlm_prob}, train.noise_density={t.noise_density} must be in (0, 1) "
-                          f"and train.mean_span={t.mean_span} >= 1")
-    if t.dpo_beta <= 0:
-        raise ConfigError(f"train.dpo_beta={t.dpo_beta}: must be > 0")

@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxtx.config import ConfigError, ModelConfig
 from jaxtx.train import packing
-from jaxtx.train.config import RunConfig
+from jaxtx.train.config import JSONL_SUFFIXES, RunConfig
 from jaxtx.train.tokenizer import N_SENTINELS, PAD, Tokenizer, train_tokenizer
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -37,10 +37,56 @@ def stdlib_files() -> list[Path]:
 
 
 def _files(path: str) -> list[Path]:
-    files = sorted(Path(p) for p in glob.glob(path, recursive=True) if Path(p).is_file())
+    """data.path as files: a file, a folder (every file below it, hidden ones skipped) or a glob (`**` recurses)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file()
+                       and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        if not files:
+            raise ConfigError(f"data.path={path!r}: the folder holds no files")
+        return files
+    if p.is_file():  # before globbing: a file name may contain [ or *
+        return [p]
+    if not glob.has_magic(str(p)):
+        raise ConfigError(f"data.path={path!r}: no such file or folder")
+    files = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
     if not files:
         raise ConfigError(f"data.path={path!r}: no file matches")
     return files
+
+
+def _read_bytes(f: Path) -> bytes:
+    try:
+        return f.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{f}: cannot read ({e.strerror or e})") from e
+
+
+def read_text_file(f: Path) -> str:
+    """The file as text: refused unless it is UTF-8 without NUL bytes (binary data decoded with replacement
+    characters would train the model on noise without a word)."""
+    raw = _read_bytes(f)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{f}: not UTF-8 text (invalid byte 0x{raw[e.start]:02x} at byte offset {e.start}); "
+                          "data.source=text reads UTF-8 files only") from e
+    nul = text.find("\0")
+    if nul >= 0:
+        raise ConfigError(f"{f}: NUL byte at byte offset {len(text[:nul].encode())}: a binary file, not text")
+    return text.removeprefix("\ufeff")  # a UTF-8 byte-order mark is not content
+
+
+def _jsonl_lines(f: Path):
+    """(line number, text) of each line; a line that is not UTF-8 is refused with its file, line and byte offset."""
+    offset = 0
+    for i, raw in enumerate(_read_bytes(f).split(b"\n"), 1):
+        try:
+            yield i, raw.decode("utf-8").removeprefix("\ufeff" if i == 1 else "")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{f}:{i}: not UTF-8 (invalid byte at byte offset {offset + e.start} of the file); "
+                              "JSON Lines files must be UTF-8") from e
+        offset += len(raw) + 1
 
 
 def synthetic_records(d, seed: int) -> list[dict]:
@@ -72,19 +118,26 @@ def read_documents(cfg: RunConfig) -> list:
         else:
             docs = [r["prompt"] + r["response"] for r in recs]
     elif d.source == "text":
-        docs = [p.read_text(encoding="utf-8", errors="replace") for p in _files(d.path)]
+        files = _files(d.path)
+        jsonl = [f for f in files if f.name.lower().endswith(JSONL_SUFFIXES)]
+        if jsonl:  # a glob or folder that reaches JSON Lines files: their JSON syntax would be trained on as text
+            raise ConfigError(f"data.source='text' would read {jsonl[0]} (JSON Lines) as plain text: set "
+                              "data.source=jsonl, or narrow data.path to the text files")
+        docs = [read_text_file(p) for p in files]
     else:
         fields = {"sft": [d.prompt_field, d.response_field], "dpo": [d.prompt_field, d.chosen_field, d.rejected_field]}
         need = fields.get(obj, [d.text_field])
         docs = []
         for f in _files(d.path):
-            for i, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
+            for i, line in _jsonl_lines(f):
                 if not line.strip():
                     continue
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ConfigError(f"{f}:{i}: not valid JSON ({e.msg})") from e
+                    raise ConfigError(f"{f}:{i}: not valid JSON ({e.msg}, column {e.colno})") from e
+                if not isinstance(rec, dict):
+                    raise ConfigError(f"{f}:{i}: expected a JSON object per line, got {type(rec).__name__}")
                 missing = [k for k in need if not isinstance(rec.get(k), str)]
                 if missing:
                     raise ConfigError(f"{f}:{i}: record has no string field(s) {missing} (objective {obj!r})")
@@ -111,7 +164,14 @@ def _truncate(docs: list, max_chars: int) -> list:
 
 
 def split(docs: list, eval_fraction: float) -> tuple[list, list]:
-    """Every k-th document (k = round(1/eval_fraction)) goes to eval; at least one on each side."""
+    """Every k-th document (k = round(1/eval_fraction)) goes to eval; at least one on each side. A single text
+    document is split instead: its last eval_fraction of characters (from a line start) is the eval document."""
+    if len(docs) == 1 and isinstance(docs[0], str):  # one text file (a book, a log): hold out its tail, cut at a line
+        text = docs[0]
+        at = int(len(text) * (1 - eval_fraction))
+        cut = text.rfind("\n", 0, at) + 1 or at
+        if 0 < cut < len(text):
+            return [text[:cut]], [text[cut:]]
     if len(docs) < 2:
         raise ConfigError(f"data: {len(docs)} document(s); need at least 2 to hold one out for eval")
     k = max(2, round(1 / eval_fraction))
@@ -125,7 +185,11 @@ def get_tokenizer(cfg: RunConfig, model_cfg: ModelConfig, train_docs: list, run_
     """data.tokenizer if given, else the run dir's (a resumed run reuses it), else train one and save it there."""
     saved = run_dir / TOKENIZER_FILE if run_dir is not None else None
     if cfg.data.tokenizer:
-        tok = Tokenizer.load(cfg.data.tokenizer)
+        try:
+            tok = Tokenizer.load(cfg.data.tokenizer)
+        except (RuntimeError, OSError) as e:  # sentencepiece: "could not parse ModelProto"; a folder: IsADirectory
+            raise ConfigError(f"data.tokenizer={cfg.data.tokenizer!r}: not a sentencepiece model "
+                              f"({' '.join(str(e).split())})") from e
     elif saved is not None and saved.exists():
         tok = Tokenizer.load(saved)
     else:

@@ -36,7 +36,7 @@ def decay_mask(params):
 
 
 def make_optimizer(o: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    parts = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm > 0 else []
+    parts = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm else []  # 0 or None: off
     parts.append(optax.adamw(lr_schedule(o, total_steps), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                              mask=decay_mask))
     return optax.chain(*parts)
