@@ -272,6 +272,8 @@ class _Loader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` then overriding a key is not a duplicate
+                continue
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 m = key_node.start_mark

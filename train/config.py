@@ -205,6 +205,9 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None)
             raise ConfigError(f"{where}: section {s!r} must be a mapping of keys, got {type(section).__name__} "
                               f"{section!r}")
         tree[s] = dict(section or {})
+        bad = [k for k in tree[s] if not isinstance(k, str)]
+        if bad:
+            raise ConfigError(f"{where}: section {s!r} has a key {bad[0]!r} that is not a name")
     out_dir = raw.get("out_dir", "runs/default")
     for key, value in parse_overrides(overrides, "section.key=value, e.g. train.steps=200"):
         if key == "out_dir":

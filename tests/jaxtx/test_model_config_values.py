@@ -107,6 +107,8 @@ def test_yaml_exponent_floats_and_non_utf8(tmp_path):
     p.write_text("norm_eps: 1e-5\nrope_theta: 5E+5\nname: 1e3x\n")
     cfg = load_model_config(str(p))
     assert cfg.norm_eps == 1e-5 and cfg.rope_theta == 5e5 and cfg.name == "1e3x"
+    p.write_text("base: &b {d_model: 64, n_heads: 4}\nm:\n  <<: *b\n  n_heads: 8\n")  # a merge then an override
+    assert load_yaml(p)["m"] == {"d_model": 64, "n_heads": 8}  # is not a duplicate key
     p.write_bytes(b"d_model: 64\nname: caf\xe9\n")
     with pytest.raises(ConfigError, match=r"m.yaml: not UTF-8 text \(invalid byte at offset 21\)"):
         load_yaml(p)

@@ -25,6 +25,7 @@ def _files(tmp_path):
     (tmp_path / "bad.yaml").write_text("model:\n  preset: tiny\ntrain: {steps: 3\n")
     (tmp_path / "dup.yaml").write_text("model: {preset: tiny}\noptim:\n  lr: 1.0e-3\n  lr: 1.0\n")
     (tmp_path / "section.yaml").write_text("model: {preset: tiny}\ntrain: 5\n")
+    (tmp_path / "intkey.yaml").write_text("model: {preset: tiny, 1: 2}\n")
     (tmp_path / "model_bad.yaml").write_text("d_model: 64\nn_heads: [4\n")
     (tmp_path / "notok.model").write_text("not a sentencepiece model")
     (tmp_path / "empty").mkdir()
@@ -72,6 +73,7 @@ CASES = [
     ("", "{tmp}/bad.yaml", ["bad.yaml:4:1: invalid YAML"]),
     ("", "{tmp}/dup.yaml", ["dup.yaml:4:3", "'lr' appears twice"]),
     ("", "{tmp}/section.yaml", ["section 'train' must be a mapping"]),
+    ("", "{tmp}/intkey.yaml", ["section 'model' has a key 1"]),
     ("", "{tmp}/nothere.yaml", ["nothere.yaml", "no such file"]),
     ("model.preset={tmp}/model_bad.yaml", None, ["model_bad.yaml:3:1: invalid YAML"]),
 ]
