@@ -10,6 +10,8 @@ Order of operations (same as transformers' logits processors, so settings carry 
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +33,14 @@ class Sampling:
     presence_penalty: float = 0.0  # OpenAI-style, subtracts penalty once a token was generated; 0 = off
 
     def __post_init__(self):
+        # a NaN fails every range check below without a word about NaN, and an infinite penalty or temperature turns
+        # the logits into NaN; top_k must be an integer (it sizes lax.top_k)
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            kind = numbers.Integral if f.name == "top_k" else numbers.Real
+            if isinstance(v, bool) or not isinstance(v, kind) or not math.isfinite(v):
+                raise ValueError(f"Sampling.{f.name}={v!r}: must be a finite "
+                                 f"{'integer' if f.name == 'top_k' else 'number'}")
         checks = [("temperature", self.temperature >= 0, ">= 0"), ("top_k", self.top_k >= 0, ">= 0"),
                   ("top_p", 0.0 < self.top_p <= 1.0, "in (0, 1]"), ("min_p", 0.0 <= self.min_p <= 1.0, "in [0, 1]"),
                   ("repetition_penalty", self.repetition_penalty > 0, "> 0")]
