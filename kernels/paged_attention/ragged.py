@@ -9,7 +9,7 @@ Inputs (the engine contract, /work/briefs/engine_contract.md H6):
   num_seqs             int32 scalar: rows >= num_seqs are unused, tokens >= cu_q_lens[num_seqs] are padding (out 0)
 Query i of sequence r (q_len = cu_q_lens[r+1] - cu_q_lens[r]) sits at position kv_lens[r] - q_len + i and sees kv
 positions p <= its own (and p > own - window with a window). GQA without repeating K/V. Values are not checked (they
-are traced): a page table entry outside [0, P) reads a clamped page.
+are traced): page table entries outside [0, P) are clamped (entries past a sequence's pages may be anything).
 
 backend="auto": TPU -> "pallas_tpu" (Mosaic), GPU -> "pallas_gpu" (Triton), CPU -> "xla" (the jnp loops of
 `ragged_reference`, or "pallas_gpu" in interpret mode when interpret=True); the map lives in `jaxtx.kernels.dispatch`.
@@ -95,7 +95,10 @@ def ragged_paged_attention(q, k_pages, v_pages, *, kv_lens, page_table, cu_q_len
             v_scales = jnp.broadcast_to(v_scales[:, :, None], (K, P, ps))
         k_scales, v_scales = k_scales.astype(jnp.float32), v_scales.astype(jnp.float32)
     scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
-    args = (q, k_pages, v_pages, kv_lens.astype(jnp.int32), page_table.astype(jnp.int32),
+    # entries past a sequence's pages may be anything (-1, stale): clamped, so no backend ever reads out of bounds
+    # (those slots are masked anyway)
+    page_table = jnp.clip(page_table.astype(jnp.int32), 0, P - 1)
+    args = (q, k_pages, v_pages, kv_lens.astype(jnp.int32), page_table,
             cu_q_lens.astype(jnp.int32), num_seqs.astype(jnp.int32))
     if backend == "xla":
         return ragged_paged_attention_xla(*args, k_scales=k_scales, v_scales=v_scales, window=window, scale=scale)

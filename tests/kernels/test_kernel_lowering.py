@@ -145,3 +145,50 @@ def test_tpu_flash_aot_compile_unaligned_lengths(no_persistent_cache):
             jax.ShapeDtypeStruct((4, 40, 2, 64), jnp.bfloat16, sharding=sh)]
     loss = lambda *a: sm(*a).astype(jnp.float32).sum()  # noqa: E731
     jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args).compile()
+
+
+def _ragged_args(N, R, npp, Kh, Pg, ps, Hd, q_dtype, page_dtype):
+    """q, k/v pages, kv_lens, page_table, cu_q_lens, num_seqs, k/v scales of ragged_paged_attention."""
+    return (_sds((N, H, Hd), q_dtype), _sds((Kh, Pg, ps, Hd), page_dtype), _sds((Kh, Pg, ps, Hd), page_dtype),
+            _sds((R,), jnp.int32), _sds((R, npp), jnp.int32), _sds((R + 1,), jnp.int32), _sds((), jnp.int32),
+            _sds((Kh, Pg, ps), jnp.float32), _sds((Kh, Pg, ps), jnp.float32))
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_ragged_paged_attention_gpu_lowers_to_triton(int8):
+    from jaxtx.kernels import ragged_paged_attention
+
+    args = _ragged_args(256, 16, 64, 2, 512, 16, 128, jnp.bfloat16, jnp.int8 if int8 else jnp.bfloat16)
+
+    def f(q, kp, vp, kl, pt, cu, ns, ks, vs):
+        return ragged_paged_attention(q, kp, vp, kv_lens=kl, page_table=pt, cu_q_lens=cu, num_seqs=ns,
+                                      k_scales=ks if int8 else None, v_scales=vs if int8 else None,
+                                      window=None if int8 else 200, backend="pallas_gpu")
+
+    txt = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "jaxtx_ragged_paged_attention" in txt and "__gpu$xla.gpu.triton" in txt
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_ragged_paged_attention_tpu_aot_compile_v5e(no_persistent_cache, int8):
+    """The Mosaic kernel compiles for v5e inside shard_map (kv heads sharded, the engine's layout: pages shard over
+    kv heads, metadata replicated)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from jaxtx.kernels import ragged_paged_attention
+
+    mesh = _tpu_topology_mesh()
+    Kh, Pg, ps, Hd, N, R, npp = 4, 256, 16, 128, 128, 8, 32
+
+    def f(q, kp, vp, kl, pt, cu, ns, ks, vs):
+        return ragged_paged_attention(q, kp, vp, kv_lens=kl, page_table=pt, cu_q_lens=cu, num_seqs=ns,
+                                      k_scales=ks if int8 else None, v_scales=vs if int8 else None,
+                                      window=None if int8 else 100, backend="pallas_tpu")
+
+    heads, rep = P(None, "data"), P()
+    specs = (heads, P("data"), P("data"), rep, rep, rep, rep, P("data"), P("data"))
+    sm = jax.shard_map(f, mesh=mesh, in_specs=specs, out_specs=heads, check_vma=False)
+    args = _ragged_args(N, R, npp, Kh, Pg, ps, Hd, jnp.bfloat16, jnp.int8 if int8 else jnp.bfloat16)
+    args = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, sp)) for a, sp in zip(args, specs)]
+    compiled = jax.jit(sm).lower(*args).compile()
+    assert "jaxtx_ragged_paged_attention_tpu" in compiled.as_text()

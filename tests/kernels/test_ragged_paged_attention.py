@@ -36,8 +36,11 @@ def make_ragged(seed, q_lens, kv_lens, *, N=None, R=None, H=4, K=2, Hd=16, ps=8,
     cu[S + 1:] = 999 if garbage_rows else cu[S]  # rows >= num_seqs may hold anything
     kl = np.zeros(R, np.int32)
     kl[:S] = kv_lens
-    if garbage_rows:
+    if garbage_rows:  # unused rows and the table entries past each sequence's pages hold junk (-1, huge)
         kl[S:] = 7
+        for r in range(R):
+            used = -(-kl[r] // ps) if r < S else 0
+            table[r, used:] = np.where(np.arange(npp - used) % 2, -1, 10 ** 6)
     d = dict(q=rng.standard_normal((N, H, Hd)).astype(np.float32), kv_lens=kl, page_table=table, cu_q_lens=cu,
              num_seqs=np.int32(S), k_float=kf, v_float=vf)
     if int8:
@@ -186,3 +189,50 @@ def test_bad_inputs_raise_clear_errors(bad, match):
         call(make_ragged(9, [2, 1], [5, 3]), window=0)
     with pytest.raises(ValueError, match="backend='cuda'"):
         call(make_ragged(9, [2, 1], [5, 3]), backend="cuda")
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_pallas_gpu_interpret_matches_float64_loop(name):
+    d, window = _case(name, seed=len(name) + 100)
+    got = np.asarray(call(d, window=window, backend="pallas_gpu", interpret=True))
+    assert np.isfinite(got).all(), "stale (NaN) slots leaked into the output"
+    np.testing.assert_allclose(got, numpy_reference(d, window), atol=2e-5, rtol=2e-5)
+
+
+TPU_CASES = ["mixed_window_ps16", "mqa_int8_token_scales", "garbage_unused_rows"]  # the TPU interpreter is slow
+
+
+@pytest.mark.parametrize("name", TPU_CASES)
+def test_pallas_tpu_interpret_matches_float64_loop(name):
+    d, window = _case(name, seed=len(name) + 200)
+    with pltpu.force_tpu_interpret_mode(pltpu.InterpretParams()):
+        got = np.asarray(call(d, window=window, backend="pallas_tpu"))
+    assert np.isfinite(got).all(), "stale (NaN) slots leaked into the output"
+    np.testing.assert_allclose(got, numpy_reference(d, window), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("style", ["gpu", "tpu"])
+def test_pallas_small_blocks_many_items(style):
+    """Tiny items (4 tokens) and KV steps: prefill chunks span several items, items span several KV steps, and the
+    window skips whole steps; a 12-token sequence fills its last item exactly."""
+    from jaxtx.kernels.paged_attention.ragged_common import RaggedBlockSizes
+    from jaxtx.kernels.paged_attention.ragged_gpu import ragged_paged_attention_gpu
+    from jaxtx.kernels.paged_attention.ragged_tpu import ragged_paged_attention_tpu
+
+    d = make_ragged(11, [9, 1, 12, 0, 2], [30, 5, 12, 4, 19], N=28, R=6, ps=8, H=2, K=1)
+    args = [jnp.asarray(d[n]) for n in ("q", "k_pages", "v_pages", "kv_lens", "page_table", "cu_q_lens",
+                                        "num_seqs")]
+    kernel = ragged_paged_attention_gpu if style == "gpu" else ragged_paged_attention_tpu
+    fn = jax.jit(lambda *a, window: kernel(*a, k_scales=None, v_scales=None, window=window, scale=0.25,
+                                           interpret=True, block_sizes=RaggedBlockSizes(q_tokens=4, kv_tokens=16)),
+                 static_argnames="window")
+    for window in (None, 6) if style == "gpu" else (6,):
+        np.testing.assert_allclose(fn(*args, window=window), numpy_reference(d, window, softmax_scale=0.25),
+                                   atol=2e-5, rtol=2e-5)
+
+
+def test_block_sizes_validate():
+    from jaxtx.kernels.paged_attention.ragged_common import RaggedBlockSizes
+
+    with pytest.raises(ValueError, match="q_tokens=12"):
+        RaggedBlockSizes(q_tokens=12)
