@@ -187,11 +187,15 @@ def as_rows(prompts, lengths=None) -> list[np.ndarray]:
         raise PromptError(f"prompts: got {type(prompts).__name__}; {_PROMPTS_HELP}")
     if not prompts:
         raise PromptError("prompts: got an empty batch")
-    if all(_is_int(x) for x in prompts):
-        return [np.asarray(prompts, dtype=np.int64)]  # a single prompt given as one flat list
-    if any(_is_int(x) for x in prompts):
-        b = next(i for i, x in enumerate(prompts) if not _is_int(x))
-        raise PromptError(f"prompts[{b}]: mixes token ids and {type(prompts[b]).__name__}s at the same level; "
+    nested = [isinstance(x, (list, tuple, str, bytes)) or hasattr(x, "shape") for x in prompts]
+    if not any(nested):  # a single prompt given as one flat list
+        for t, x in enumerate(prompts):
+            if not _is_int(x):
+                raise PromptError(f"prompts[{t}]={_show(x)}: expected an integer token id, got {type(x).__name__}")
+        return [np.asarray(prompts, dtype=np.int64)]
+    if not all(nested):
+        b = nested.index(False)
+        raise PromptError(f"prompts[{b}]={_show(prompts[b])}: a token id beside prompt lists (mixed nesting); "
                           f"{_PROMPTS_HELP}")
     return [_row(b, r) for b, r in enumerate(prompts)]
 
