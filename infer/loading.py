@@ -1,22 +1,17 @@
-"""Load a model + params + tokenizer for generation from a training run dir or a Hugging Face directory.
+"""Load a model + params + tokenizer + prompt layout for generation, from a jaxtx run dir or a Hugging Face directory.
 
-infer never imports train (imports flow core <- train, infer), so the run-dir format is read directly. What it relies
-on (written by `jaxtx train`):
-    RUN_DIR/config.yaml          resolved run config; its `model:` section lists every ModelConfig field (+ `preset`),
-                                 `data.tokenizer` may name an external sentencepiece file
-    RUN_DIR/tokenizer.model      sentencepiece model (used when data.tokenizer is null); PAD 0, UNK 1, BOS 2, EOS 3
-    RUN_DIR/checkpoints/<step>/state   orbax pytree {"step", "params", "opt_state", ...}; only "params" is read
-A Hugging Face directory goes through `jaxtx.hf.load`; its tokenizer is tokenizer.model / spiece.model
-(sentencepiece) or tokenizer.json (the `tokenizers` library), if present.
+A run dir (written by `jaxtx train` or `jaxtx convert --from-hf`) is read only through jaxtx.run_dir, which owns its
+layout. A Hugging Face directory goes through `jaxtx.hf.load`; its tokenizer is tokenizer.model / spiece.model
+(sentencepiece) or tokenizer.json (the `tokenizers` library), if present. Either way `Loaded.prompt_layout` says which
+ids go around a user's text: `loaded.prompt_layout.apply(tok.encode(text))` is what the model is fed.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Optional
 
-from jaxtx import run_dir as run_dir_lib
+from jaxtx import run_dir as rd
 from jaxtx.config import ConfigError
 
 
@@ -31,6 +26,8 @@ class Loaded:
     tokenizer: Optional["TextTokenizer"]
     source: str  # "run" | "hf"
     step: Optional[int] = None
+    prompt_layout: rd.PromptLayout = rd.PromptLayout()  # ids around a user's text, as training / the tokenizer had it
+    note: Optional[str] = None  # something a user should know about how the model is prompted
 
 
 class TextTokenizer:
@@ -60,27 +57,48 @@ class TextTokenizer:
         sp = spm.SentencePieceProcessor(model_file=str(path))
         return cls(sp=sp, eos_id=sp.eos_id(), bos_id=sp.bos_id(), special=(sp.pad_id(), sp.bos_id(), sp.eos_id()))
 
+    @classmethod
+    def from_file(cls, t: Optional[rd.TokenizerFile]) -> Optional["TextTokenizer"]:
+        """A tokenizer on disk (jaxtx.run_dir.TokenizerFile), or None when there is none or `tokenizers` is missing."""
+        if t is None:
+            return None
+        if t.sentencepiece:
+            return cls.from_sentencepiece(t.path)
+        try:
+            import tokenizers
+        except ImportError:
+            return None
+        return cls(hf=tokenizers.Tokenizer.from_file(str(t.path)), eos_id=t.eos_id, bos_id=t.bos_id,
+                   special=(t.eos_id, t.bos_id, t.pad_id))
+
 
 def is_run_dir(path: Path) -> bool:
-    return run_dir_lib.is_run_dir(path)
+    return rd.is_run_dir(path)
 
 
 def load_run(run_dir, step: Optional[int] = None) -> Loaded:
-    """Model, newest (or `step`) checkpoint params and tokenizer of a training run dir (format: jaxtx.run_dir)."""
+    """Model, newest (or `step`) checkpoint params, tokenizer and prompt layout of a jaxtx run dir."""
     import jaxtx.model
 
     run_dir = Path(run_dir).absolute()
     if not is_run_dir(run_dir):
-        raise LoadError(f"--run {run_dir}: not a training run dir (expected config.yaml and checkpoints/)")
+        raise LoadError(f"--run {run_dir}: not a jaxtx run dir (expected config.yaml and checkpoints/)")
     try:
-        cfg, params, step = run_dir_lib.load_params(run_dir, step)
-        _, resolved = run_dir_lib.run_config(run_dir)
+        cfg, params, step = rd.load_params(run_dir, step)
+        _, resolved = rd.run_config(run_dir)
+        layout, note = rd.read_prompt_layout(run_dir), None
     except ConfigError as e:
         raise LoadError(str(e)) from None
-    model = jaxtx.model.build(cfg)
-    tok_path = (resolved.get("data") or {}).get("tokenizer") or run_dir / "tokenizer.model"
-    tok = TextTokenizer.from_sentencepiece(Path(tok_path)) if Path(tok_path).exists() else None
-    return Loaded(model, params, tok, "run", step)
+    tok = TextTokenizer.from_file(rd.tokenizer_file(run_dir, resolved))
+    if layout is None:
+        # run dirs from before layouts were recorded: jaxtx train has always laid rows out this way (nothing before a
+        # decoder's text; EOS after a T5 encoder's)
+        eos = tok.eos_id if tok is not None and tok.eos_id is not None and tok.eos_id >= 0 else None
+        layout = rd.PromptLayout(suffix=(eos,)) if cfg.kind == "encoder_decoder" and eos is not None else \
+            rd.PromptLayout()
+        note = (f"{run_dir} records no prompt layout (an older jaxtx wrote it); prompting the way jaxtx train lays "
+                f"out rows: {layout.to_dict()}")
+    return Loaded(jaxtx.model.build(cfg), params, tok, "run", step, layout, note)
 
 
 def load_hf(hf_dir) -> Loaded:
@@ -90,25 +108,11 @@ def load_hf(hf_dir) -> Loaded:
     if not (hf_dir / "config.json").exists():
         raise LoadError(f"--hf {hf_dir}: no config.json (expected a Hugging Face model directory)")
     model, params = hf.load(hf_dir)
-    tok = None
-    sp_file = next((hf_dir / n for n in ("tokenizer.model", "spiece.model") if (hf_dir / n).exists()), None)
-    if sp_file is not None:  # Llama / Mistral ship tokenizer.model, T5 spiece.model
-        tok = TextTokenizer.from_sentencepiece(sp_file)
-    elif (hf_dir / "tokenizer.json").exists():
-        try:
-            import tokenizers
-        except ImportError:
-            tokenizers = None
-        if tokenizers is not None:
-            t = tokenizers.Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
-            conf = json.loads((hf_dir / "config.json").read_text())
-            gen = hf_dir / "generation_config.json"
-            gconf = json.loads(gen.read_text()) if gen.exists() else {}
-            eos = gconf.get("eos_token_id", conf.get("eos_token_id"))
-            eos = eos[0] if isinstance(eos, list) else eos
-            bos = gconf.get("bos_token_id", conf.get("bos_token_id"))
-            tok = TextTokenizer(hf=t, eos_id=eos, bos_id=bos, special=(eos, bos, conf.get("pad_token_id")))
-    return Loaded(model, params, tok, "hf")
+    try:
+        tok, layout = TextTokenizer.from_file(rd.hf_tokenizer_file(hf_dir)), rd.hf_prompt_layout(hf_dir)
+    except ConfigError as e:
+        raise LoadError(str(e)) from None
+    return Loaded(model, params, tok, "hf", prompt_layout=layout)
 
 
 def load_any(path) -> Loaded:
@@ -118,4 +122,4 @@ def load_any(path) -> Loaded:
         return load_run(p)
     if (p / "config.json").exists():
         return load_hf(p)
-    raise LoadError(f"{p}: neither a training run dir (config.yaml + checkpoints/) nor an HF dir (config.json)")
+    raise LoadError(f"{p}: neither a jaxtx run dir (config.yaml + checkpoints/) nor an HF dir (config.json)")

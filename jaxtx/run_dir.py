@@ -1,12 +1,40 @@
-"""Read the model of a training run dir (written by `jaxtx train`) without importing train.
+"""The jaxtx run dir: the one module that knows its layout. `jaxtx train` writes it through here, `jaxtx generate`,
+`jaxtx convert` and jaxtx.infer read it through here.
 
-    RUN_DIR/config.yaml               resolved run config; its `model:` section lists every ModelConfig field
-    RUN_DIR/checkpoints/<step>/state  orbax pytree {"step", "params", "opt_state", ...}: only "params" is read
+    RUN_DIR/config.yaml               the resolved run config; its `model:` section lists every ModelConfig field
+                                      (+ `preset`). A converted HF model has a `tokenizer:` section instead of `data:`
+    RUN_DIR/tokenizer.model           sentencepiece model (used when data.tokenizer is null; a converted HF model may
+                                      hold tokenizer.json / spiece.model instead, named by `tokenizer.file`)
+    RUN_DIR/prompt_layout.json        PromptLayout: the token ids training put around a user's text
+    RUN_DIR/checkpoints/<step>/state  orbax pytree {"step", "params", "opt_state", ...} (a converted model: {"params"})
+    RUN_DIR/checkpoints/<step>/meta   JSON {"step", "data": iterator state} (training only)
+    RUN_DIR/unreadable_checkpoints/<step>[.N]   checkpoints that failed their own integrity check, set aside, kept
+    RUN_DIR/metrics.jsonl, eval.jsonl, tb/, loss.png   written by train (jaxtx.train.metrics)
 
-Used by `jaxtx convert --from-jaxtx RUN_DIR` and by jaxtx.infer (generation from a run).
+Resuming (a rerun of `jaxtx train` into an existing run dir) compares the new resolved config with config.yaml and
+refuses, before touching anything, when anything outside RESUME_SAFE differs: those settings define what the
+checkpoint's weights, optimizer moments, tokenizer and data-iterator position mean. RESUME_SAFE holds what only
+steers the steps still to come:
+    train.steps (and with it the lr schedule's length), train.log_every, eval_every, eval_batches, ckpt_every,
+    keep_ckpts, async_ckpt, skip_nonfinite, progress, samples, sample_tokens;
+    optim.lr, warmup_steps, decay, min_lr_ratio (the lr schedule: AdamW's moments do not depend on it);
+    mesh.* (checkpoints are resharded onto the new mesh on restore);
+    model.dtype, remat, attention_backend (how the same weights are computed, not what they are).
+Not safe, refused: every other model field (shapes, and also architecture with equal shapes: activation, position,
+norm, ...), every data field (tokenizer, corpus, split), train.objective/batch_size/seq_len/seed and the objective
+knobs, optim.b1/b2/eps/weight_decay/clip_norm/grad_accum (the optimizer the moments were accumulated under).
+out_dir, model.preset and model.name are labels and are never compared.
+
+A checkpoint counts as unreadable only when it fails its own integrity check (its metadata or files are missing or
+truncated); it is then moved under unreadable_checkpoints/ with a name no other set-aside uses, never deleted. A
+checkpoint whose arrays have other shapes or dtypes than the config declares is a config mismatch (ConfigError).
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -14,54 +42,402 @@ import yaml
 
 from jaxtx.config import ConfigError, ModelConfig, from_dict
 
+CONFIG = "config.yaml"
+TOKENIZER = "tokenizer.model"
+LAYOUT = "prompt_layout.json"
+CHECKPOINTS = "checkpoints"
+ASIDE = "unreadable_checkpoints"
+
+RESUME_SAFE = frozenset({
+    "train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.ckpt_every",
+    "train.keep_ckpts", "train.async_ckpt", "train.skip_nonfinite", "train.progress", "train.samples",
+    "train.sample_tokens",
+    "optim.lr", "optim.warmup_steps", "optim.decay", "optim.min_lr_ratio",
+    "mesh.*",
+    "model.dtype", "model.remat", "model.attention_backend",
+})
+LABELS = frozenset({"out_dir", "model.preset", "model.name"})
+
+
+# ------------------------------------------------------------------------------------------------ prompt layout
+@dataclasses.dataclass(frozen=True)
+class PromptLayout:
+    """The ids around a user's prompt, as the model saw them in training (or as its HF tokenizer adds them)."""
+
+    prefix: tuple[int, ...] = ()  # ids every training context started with before the user's text (e.g. BOS)
+    suffix: tuple[int, ...] = ()  # ids after the prompt (e.g. the T5 encoder's trailing EOS)
+
+    def apply(self, ids) -> list[int]:
+        return [*self.prefix, *(int(i) for i in ids), *self.suffix]
+
+    def to_dict(self) -> dict:
+        return {"prefix": list(self.prefix), "suffix": list(self.suffix)}
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> "PromptLayout":
+        try:
+            return cls(tuple(int(i) for i in d.get("prefix", ())), tuple(int(i) for i in d.get("suffix", ())))
+        except (AttributeError, TypeError, ValueError):
+            raise ConfigError(f"{where}: expected {{\"prefix\": [ids], \"suffix\": [ids]}}, got {d!r}") from None
+
+
+def write_prompt_layout(run_dir, layout: PromptLayout) -> None:
+    _write_atomic(Path(run_dir) / LAYOUT, json.dumps(layout.to_dict()) + "\n")
+
+
+def read_prompt_layout(run_dir) -> Optional[PromptLayout]:
+    """The recorded layout, or None for a run dir written before layouts were recorded."""
+    path = Path(run_dir) / LAYOUT
+    if not path.exists():
+        return None
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    return PromptLayout.from_dict(d, str(path))
+
+
+# ------------------------------------------------------------------------------------------------ config
+def _write_atomic(path: Path, text: str) -> None:
+    """Write then rename: a crash leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_config(run_dir) -> Optional[dict]:
+    """config.yaml as a dict, or None when the folder has none that jaxtx wrote (no mapping with a model section)."""
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        return None
+    try:
+        resolved = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    return resolved if isinstance(resolved, dict) and isinstance(resolved.get("model"), dict) else None
+
+
+def write_config(run_dir, resolved: dict) -> None:
+    _write_atomic(Path(run_dir) / CONFIG, yaml.safe_dump(resolved, sort_keys=False))
+
 
 def is_run_dir(path) -> bool:
+    """A folder jaxtx can load a model from: config.yaml with a model section and a checkpoints/ folder."""
     path = Path(path)
-    return (path / "config.yaml").exists() and (path / "checkpoints").is_dir()
+    return (path / CHECKPOINTS).is_dir() and read_config(path) is not None
 
 
 def run_config(run_dir) -> tuple[ModelConfig, dict]:
     """(ModelConfig, the whole resolved run config as a dict)."""
     run_dir = Path(run_dir)
-    if not is_run_dir(run_dir):
-        raise ConfigError(f"{run_dir}: not a training run dir (expected config.yaml and checkpoints/)")
-    resolved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    if not isinstance(resolved.get("model"), dict):
-        raise ConfigError(f"{run_dir / 'config.yaml'}: no `model:` section with the resolved ModelConfig")
+    resolved = read_config(run_dir)
+    if resolved is None or not (run_dir / CHECKPOINTS).is_dir():
+        raise ConfigError(f"{run_dir}: not a jaxtx run dir (expected config.yaml with a `model:` section and "
+                          "checkpoints/)")
     fields = {k: v for k, v in resolved["model"].items() if k != "preset"}
-    return from_dict(fields, str(run_dir / "config.yaml")), resolved
+    return from_dict(fields, str(run_dir / CONFIG)), resolved
 
 
-def checkpoint_steps(run_dir) -> list[int]:
-    ckpt = Path(run_dir) / "checkpoints"
-    return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit() and (p / "state").exists())
+def _flat(resolved: dict) -> dict:
+    out = {}
+    for section, values in resolved.items():
+        if isinstance(values, dict):
+            out.update({f"{section}.{k}": v for k, v in values.items()})
+        else:
+            out[section] = values
+    return out
+
+
+def resume_changes(old: dict, new: dict, defaults: Optional[dict] = None) -> tuple[list, list]:
+    """(safe, unsafe) changes between config.yaml (`old`) and this command's resolved config (`new`), each a list of
+    (key, old value, new value). A key config.yaml lacks (written by an older jaxtx) counts as its default."""
+    o, n, d = _flat(old), _flat(new), _flat(defaults or {})
+    safe, unsafe = [], []
+    for key, value in n.items():
+        if key in LABELS:
+            continue
+        before = o.get(key, d.get(key, value))
+        if before == value:
+            continue
+        allowed = key in RESUME_SAFE or f"{key.split('.')[0]}.*" in RESUME_SAFE
+        (safe if allowed else unsafe).append((key, before, value))
+    return safe, unsafe
+
+
+def check_resume(run_dir, new: dict, defaults: Optional[dict] = None) -> list:
+    """Raise ConfigError listing every unsafe change (with both values); return the safe ones."""
+    old = read_config(run_dir) or {}
+    safe, unsafe = resume_changes(old, new, defaults)
+    if unsafe:
+        lines = "\n".join(f"  {k}: {a!r} in config.yaml, {b!r} now" for k, a, b in unsafe)
+        raise ConfigError(
+            f"out_dir={str(run_dir)!r} holds a run with other settings; resuming it with these would mix two runs "
+            f"(nothing was changed):\n{lines}\nRerun with the run's own settings to resume it, or pick a new out_dir "
+            f"(train.init_from={run_dir} starts a new run from its weights). Settings that may change on resume: "
+            f"{', '.join(sorted(RESUME_SAFE))}")
+    return safe
+
+
+def check_out_dir(path) -> str:
+    """'new' (absent or an empty folder) or 'run' (a jaxtx run dir); ConfigError for anything else."""
+    path = Path(path)
+    for p in [path, *path.parents]:
+        if p.exists() and not p.is_dir():
+            where = "is a file" if p == path else f"lies below {p}, which is a file"
+            raise ConfigError(f"out_dir={str(path)!r}: {where}; expected a folder (new, empty, or a jaxtx run dir)")
+    if not path.exists() or not any(path.iterdir()):
+        return "new"
+    if read_config(path) is None:
+        raise ConfigError(f"out_dir={str(path)!r}: the folder is not empty and is not a jaxtx run dir (no config.yaml "
+                          "written by jaxtx train); pick a new or empty folder")
+    return "run"
+
+
+# ------------------------------------------------------------------------------------------------ tokenizer
+@dataclasses.dataclass(frozen=True)
+class TokenizerFile:
+    """A tokenizer on disk: sentencepiece (.model) or HF `tokenizers` (tokenizer.json). Ids None = the file's own."""
+
+    path: Path
+    eos_id: Optional[int] = None
+    bos_id: Optional[int] = None
+    pad_id: Optional[int] = None
+
+    @property
+    def sentencepiece(self) -> bool:
+        return self.path.suffix == ".model"
+
+
+def tokenizer_file(run_dir, resolved: Optional[dict] = None) -> Optional[TokenizerFile]:
+    """The run's tokenizer: data.tokenizer (an external model), the `tokenizer:` section of a converted model, or
+    RUN_DIR/tokenizer.model. None when the file is not there."""
+    run_dir = Path(run_dir)
+    resolved = read_config(run_dir) if resolved is None else resolved
+    resolved = resolved or {}
+    spec = resolved.get("tokenizer") or {}
+    if spec.get("file"):
+        t = TokenizerFile(run_dir / spec["file"], spec.get("eos_id"), spec.get("bos_id"), spec.get("pad_id"))
+    else:
+        t = TokenizerFile(Path((resolved.get("data") or {}).get("tokenizer") or run_dir / TOKENIZER))
+    return t if t.path.is_file() else None
+
+
+def _json(path: Path) -> dict:
+    try:
+        out = json.loads(path.read_text()) if path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    return out if isinstance(out, dict) else {}
+
+
+def hf_tokenizer_file(hf_dir) -> Optional[TokenizerFile]:
+    """An HF folder's tokenizer: tokenizer.model / spiece.model (sentencepiece: Llama, Mistral, T5) first, else
+    tokenizer.json with its special ids from generation_config.json / config.json."""
+    hf_dir = Path(hf_dir)
+    for name in ("tokenizer.model", "spiece.model"):
+        if (hf_dir / name).is_file():
+            return TokenizerFile(hf_dir / name)
+    if not (hf_dir / "tokenizer.json").is_file():
+        return None
+    conf, gen = _json(hf_dir / "config.json"), _json(hf_dir / "generation_config.json")
+    eos = gen.get("eos_token_id", conf.get("eos_token_id"))
+    eos = eos[0] if isinstance(eos, list) and eos else eos
+    return TokenizerFile(hf_dir / "tokenizer.json", eos, gen.get("bos_token_id", conf.get("bos_token_id")),
+                         conf.get("pad_token_id"))
+
+
+def _template_layout(post: dict) -> Optional[PromptLayout]:
+    """What a tokenizer.json post-processor adds around a single sequence ($A)."""
+    if post.get("type") == "Sequence":
+        found = [_template_layout(p) for p in post.get("processors") or []]
+        return next((f for f in found if f is not None), None)
+    if post.get("type") == "TemplateProcessing":
+        ids = {k: v.get("ids", []) for k, v in (post.get("special_tokens") or {}).items()}
+        prefix, suffix, seen = [], [], False
+        for part in post.get("single") or []:
+            if "Sequence" in part:
+                seen = True
+            elif "SpecialToken" in part:
+                (suffix if seen else prefix).extend(ids.get(part["SpecialToken"]["id"], []))
+        return PromptLayout(tuple(prefix), tuple(suffix))
+    if post.get("type") in ("BertProcessing", "RobertaProcessing"):
+        return PromptLayout((int(post["cls"][1]),), (int(post["sep"][1]),))
+    return None
+
+
+def hf_prompt_layout(hf_dir) -> PromptLayout:
+    """What the HF folder's tokenizer itself adds to a prompt (what transformers' tokenizer(text) returns around the
+    text): tokenizer.json's post-processor, else tokenizer_config.json add_bos_token / add_eos_token, else the
+    family's default (Llama/Mistral sentencepiece: BOS first; T5: EOS last; GPT-2: nothing)."""
+    hf_dir = Path(hf_dir)
+    tj = _json(hf_dir / "tokenizer.json") if (hf_dir / "tokenizer.json").is_file() else {}
+    if isinstance(tj.get("post_processor"), dict):
+        found = _template_layout(tj["post_processor"])
+        if found is not None:
+            return found
+    conf, tc = _json(hf_dir / "config.json"), _json(hf_dir / "tokenizer_config.json")
+    tok = hf_tokenizer_file(hf_dir)
+    bos, eos = conf.get("bos_token_id"), conf.get("eos_token_id")
+    if tok is not None and tok.sentencepiece:
+        import sentencepiece as spm
+        sp = spm.SentencePieceProcessor(model_file=str(tok.path))
+        bos, eos = sp.bos_id(), sp.eos_id()
+    eos = eos[0] if isinstance(eos, list) and eos else eos
+    mt = conf.get("model_type")
+    add_bos = tc.get("add_bos_token", mt in ("llama", "mistral", "mixtral"))
+    add_eos = tc.get("add_eos_token", mt == "t5")
+    ok = lambda i: isinstance(i, int) and i >= 0  # noqa: E731
+    return PromptLayout((bos,) if add_bos and ok(bos) else (), (eos,) if add_eos and ok(eos) else ())
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+class CheckpointDamaged(Exception):
+    """A checkpoint failed its own integrity check: metadata or array files missing, truncated or garbled."""
+
+
+def checkpoint_steps(run_dir_or_ckpts) -> list[int]:
+    """Finished steps in RUN_DIR/checkpoints (or in a checkpoints folder given directly)."""
+    p = Path(run_dir_or_ckpts)
+    ckpt = p / CHECKPOINTS if (p / CHECKPOINTS).is_dir() else p
+    if not ckpt.is_dir():
+        return []
+    return sorted(int(c.name) for c in ckpt.iterdir() if c.name.isdigit() and (c / "state").is_dir())
+
+
+def _leaf_name(path) -> str:
+    """'params.layers.attn.q.kernel': a pytree path as orbax names the array (dict keys, indices, attributes)."""
+    parts = []
+    for k in path:
+        parts.append(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))))
+    return ".".join(parts)
+
+
+def state_metadata(state_dir) -> dict[str, tuple[tuple, str]]:
+    """{array name: (shape, dtype)} as a checkpoint's own metadata records them. CheckpointDamaged if unreadable."""
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+    try:
+        tree = ocp.PyTreeCheckpointHandler().metadata(Path(state_dir).absolute()).tree
+        leaves = jax.tree_util.tree_leaves_with_path(tree)
+        return {_leaf_name(p): (tuple(m.shape), np.dtype(m.dtype).name) for p, m in leaves}
+    except Exception as e:  # noqa: BLE001 — whatever orbax raises, the files are not a readable checkpoint
+        raise CheckpointDamaged(f"{state_dir}: metadata unreadable ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def mismatches(abstract, stored: dict, prefix: str = "") -> list[str]:
+    """How a checkpoint's arrays differ from what the config declares: one 'name: checkpoint X vs config Y' each."""
+    import jax
+    import numpy as np
+    want = {_leaf_name(p): (tuple(a.shape), np.dtype(a.dtype).name)
+            for p, a in jax.tree_util.tree_leaves_with_path(abstract)}
+    want = {(f"{prefix}.{k}" if prefix else k): v for k, v in want.items()}
+    scope = {k: v for k, v in stored.items() if not prefix or k.startswith(prefix + ".")}
+    out = [f"{k}: checkpoint {scope[k][0]} {scope[k][1]} vs config {v[0]} {v[1]}"
+           for k, v in want.items() if k in scope and scope[k] != v]
+    out += [f"{k}: in the config, not in the checkpoint" for k in want if k not in scope]
+    out += [f"{k}: in the checkpoint, not in the config" for k in scope if k not in want]
+    return sorted(out, key=lambda m: not m.startswith("params."))  # weights first: they name the model setting
+
+
+def check_params_fit(ckpt_dir, step: int, abstract_params, what: str) -> None:
+    """ConfigError unless checkpoints/<step> holds params shaped and typed as `abstract_params` (read from the
+    checkpoint's metadata: cheap, no array is loaded)."""
+    step_dir = Path(ckpt_dir) / str(step)
+    try:
+        stored = state_metadata(step_dir / "state")
+    except CheckpointDamaged as e:
+        raise ConfigError(f"{what}: checkpoint {step_dir} is damaged ({e})") from None
+    bad = mismatches(abstract_params, stored, "params")
+    if bad:
+        raise ConfigError(f"{what}: checkpoint {step_dir} does not fit the model config: {bad[0]}"
+                          + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
+
+
+def restore_params(ckpt_dir, step: int, abstract_params, what: str):
+    """Only "params" of checkpoints/<step>/state, restored as `abstract_params` declares (shapes, dtypes and, when
+    given, shardings); the optimizer state is not read. The one params-restore recipe (generate, convert,
+    train.init_from, DPO reference). A checkpoint shaped otherwise than the config is a ConfigError naming the
+    array and both shapes; `what` says whose config (e.g. 'train.init_from=DIR')."""
+    import orbax.checkpoint as ocp
+    ckpt_dir = Path(ckpt_dir).absolute()
+    check_params_fit(ckpt_dir, step, abstract_params, what)
+    target = {"params": abstract_params}
+    restore = ocp.args.PyTreeRestore(item=target, partial_restore=True,
+                                     restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+    try:
+        with ocp.CheckpointManager(ckpt_dir) as mngr:
+            return mngr.restore(step, args=ocp.args.Composite(state=restore))["state"]["params"]
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"{what}: checkpoint {ckpt_dir / str(step)} is damaged ({type(e).__name__}: "
+                          f"{str(e)[:200]})") from None
+
+
+def abstract_params(cfg: ModelConfig):
+    import flax.linen as nn
+
+    import jaxtx.model
+    return nn.unbox(jaxtx.model.abstract_params(jaxtx.model.build(cfg)))
 
 
 def load_params(run_dir, step: Optional[int] = None) -> tuple[ModelConfig, dict, int]:
     """(config, params, step) of the newest finished checkpoint (or `step`), restored as the config declares."""
-    import flax.linen as nn
-    import jax
-    import orbax.checkpoint as ocp
-
-    import jaxtx.model
-
     run_dir = Path(run_dir).absolute()
     cfg, _ = run_config(run_dir)
     steps = checkpoint_steps(run_dir)
     if not steps:
-        raise ConfigError(f"{run_dir / 'checkpoints'}: no finished checkpoint (expected <step>/state)")
+        raise ConfigError(f"{run_dir / CHECKPOINTS}: no finished checkpoint (expected <step>/state)")
     if step is None:
         step = steps[-1]
     elif step not in steps:
-        raise ConfigError(f"step {step}: not in {run_dir / 'checkpoints'} (have {steps})")
-    target = {"params": nn.unbox(jaxtx.model.abstract_params(jaxtx.model.build(cfg)))}
-    restore = ocp.args.PyTreeRestore(item=target, partial_restore=True,
-                                     restore_args=ocp.checkpoint_utils.construct_restore_args(target))
-    with ocp.CheckpointManager(run_dir / "checkpoints") as mngr:
-        params = mngr.restore(step, args=ocp.args.Composite(state=restore))["state"]["params"]
-    bad = [f"{jax.tree_util.keystr(k)}: checkpoint {tuple(a.shape)} vs config {tuple(b.shape)}"
-           for (k, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(target["params"]))
-           if tuple(a.shape) != tuple(b.shape)]
-    if bad:
-        raise ConfigError(f"{run_dir}/checkpoints/{step}: params do not match config.yaml: " + "; ".join(bad[:5]))
+        raise ConfigError(f"step {step}: not in {run_dir / CHECKPOINTS} (have {steps})")
+    params = restore_params(run_dir / CHECKPOINTS, step, abstract_params(cfg), f"{run_dir / CONFIG}")
     return cfg, params, step
+
+
+def set_aside(run_dir, step: int) -> Path:
+    """Move checkpoints/<step> to unreadable_checkpoints/<step> (or <step>.N: a name no earlier set-aside has), out
+    of the manager's folder so the step can be saved again. Nothing is deleted."""
+    run_dir = Path(run_dir)
+    aside_root = run_dir / ASIDE
+    aside_root.mkdir(exist_ok=True)
+    aside, n = aside_root / str(step), 0
+    while aside.exists():
+        n += 1
+        aside = aside_root / f"{step}.{n}"
+    shutil.move(str(run_dir / CHECKPOINTS / str(step)), str(aside))
+    return aside
+
+
+# ------------------------------------------------------------------------------------------------ converted models
+HF_TOKENIZER_FILES = ("tokenizer.model", "spiece.model", "tokenizer.json", "tokenizer_config.json",
+                      "special_tokens_map.json", "generation_config.json")
+
+
+def write_model(path, cfg: ModelConfig, params, *, hf_dir=None, layout: Optional[PromptLayout] = None) -> None:
+    """A run dir holding one model and no training state (`jaxtx convert --from-hf`): config.yaml with the model
+    section, checkpoints/0/state = {"params"}, the HF folder's tokenizer files and the prompt layout its tokenizer
+    applies. `jaxtx generate --run PATH` and `--from-jaxtx PATH` read it like a training run. PATH must be new or
+    empty (convert decides about overwriting)."""
+    import orbax.checkpoint as ocp
+    path = Path(path).absolute()
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ConfigError(f"{path}: exists and is not an empty folder; refusing to write a model into it")
+    path.mkdir(parents=True, exist_ok=True)
+    resolved: dict = {"model": {"preset": cfg.name, **cfg.to_dict()}}
+    if hf_dir is not None:
+        hf_dir = Path(hf_dir)
+        for name in HF_TOKENIZER_FILES:
+            if (hf_dir / name).is_file():
+                shutil.copyfile(hf_dir / name, path / name)
+        tok = hf_tokenizer_file(hf_dir)
+        if tok is not None:
+            resolved["tokenizer"] = {"file": tok.path.name, "eos_id": tok.eos_id, "bos_id": tok.bos_id,
+                                     "pad_id": tok.pad_id}
+        resolved["converted_from"] = str(hf_dir.absolute())
+        layout = hf_prompt_layout(hf_dir) if layout is None else layout
+    write_prompt_layout(path, layout or PromptLayout())
+    with ocp.CheckpointManager(path / CHECKPOINTS) as mngr:
+        mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params})))
+        mngr.wait_until_finished()
+    write_config(path, resolved)  # last: a folder without it is not taken for a finished model

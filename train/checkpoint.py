@@ -1,16 +1,19 @@
-"""Checkpoints: orbax CheckpointManager with async saves, keep-last-K, and a restore that survives a bad newest step.
+"""Checkpoints: orbax CheckpointManager with async saves, keep-last-K, and a restore that survives a damaged newest step.
 
-Each step directory holds `state` (the TrainState pytree) and `meta` (JSON: the data iterator state and the step).
-Orbax writes a step into a temporary directory and renames it when complete, so a process killed mid-save leaves
-nothing that `all_steps()` will pick up; an interrupted save is simply not there on the next run.
+Each step directory holds `state` (the TrainState pytree) and `meta` (JSON: the data iterator state and the step); the
+layout belongs to jaxtx.run_dir. Orbax writes a step into a temporary directory and renames it when complete, so a
+process killed mid-save leaves nothing that `all_steps()` will pick up; an interrupted save is simply not there on the
+next run.
 """
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
 import orbax.checkpoint as ocp
+
+from jaxtx import run_dir as rd
+from jaxtx.config import ConfigError
 
 
 class Checkpointer:
@@ -30,35 +33,30 @@ class Checkpointer:
 
     def restore_latest(self, abstract_state, log=print):
         """(step, state, meta) from the newest readable checkpoint, or None if there is none. `abstract_state` holds
-        ShapeDtypeStructs with shardings: arrays come back placed (and resharded) like the live state."""
+        ShapeDtypeStructs with shardings: arrays come back placed (and resharded) like the live state.
+
+        A step whose own metadata or files are damaged is set aside (jaxtx.run_dir.set_aside, never deleted) and the
+        previous one is tried. A step whose arrays are shaped or typed otherwise than `abstract_state` is not damaged:
+        it is a config mismatch, raised as ConfigError before anything is moved."""
         for step in reversed(self.steps()):
             try:
+                stored = rd.state_metadata(self.dir / str(step) / "state")
+                bad = rd.mismatches(abstract_state, stored)
+                if bad:
+                    raise ConfigError(f"checkpoint {self.dir / str(step)} does not fit this run's config (nothing was "
+                                      f"changed): " + "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more"
+                                                                           if len(bad) > 5 else ""))
                 out = self.mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                                                       meta=ocp.args.JsonRestore()))
                 return step, out["state"], dict(out["meta"])
-            except Exception as e:  # noqa: BLE001 — any failure to read means "try the previous one"
-                aside = self.dir.parent / "unreadable_checkpoints" / str(step)
+            except ConfigError:
+                raise
+            except Exception as e:  # noqa: BLE001 — metadata matched, so a failed read means damaged files
+                aside = rd.set_aside(self.dir.parent, step)
                 log(f"checkpoint step {step} in {self.dir} is unreadable ({type(e).__name__}: {str(e)[:200]}); "
                     f"moved to {aside}; falling back to the previous checkpoint")
-                # out of the manager's directory, so the step number can be saved again by this run
-                aside.parent.mkdir(parents=True, exist_ok=True)
-                shutil.rmtree(aside, ignore_errors=True)
-                shutil.move(str(self.dir / str(step)), str(aside))
                 self.mngr.reload()
         return None
-
-    def restore_params(self, abstract_params, step: int | None = None):
-        """Only the params of a checkpoint (train.init_from / DPO reference): the optimizer state is not read."""
-        step = self.mngr.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.dir}")
-        # a separate manager: this one has the StandardRestore handler registered for "state"
-        with ocp.CheckpointManager(self.dir) as reader:
-            target = {"params": abstract_params}
-            restore = ocp.args.PyTreeRestore(item=target, partial_restore=True,
-                                             restore_args=ocp.checkpoint_utils.construct_restore_args(target))
-            out = reader.restore(step, args=ocp.args.Composite(state=restore))
-        return out["state"]["params"]
 
     def wait(self) -> None:
         self.mngr.wait_until_finished()

@@ -40,6 +40,9 @@ def run(args) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. out_dir on a read-only or full disk: the OS names the path
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

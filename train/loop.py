@@ -1,12 +1,16 @@
 """`jaxtx train`: data -> model -> jitted steps -> checkpoints, metrics, eval, samples. Resumable at any moment.
 
-Order matters: every check that can fail on user input (config, data files, tokenizer vs vocab, batch vs mesh) runs
-before the first compile. Exact resume rests on three things: the data iterator state is saved with every
-checkpoint, the step RNG is a function of (seed, step), and metrics files are cut back to the restored step.
+Order matters: every check that protects files already on disk (out_dir, the resume rules of jaxtx.run_dir,
+train.init_from) runs before anything is written, and every check that can fail on user input (config, data files,
+tokenizer vs vocab, batch vs mesh) runs before the first compile. A run that fails before its first checkpoint removes
+what it created. Exact resume rests on three things: the data iterator state is saved with every checkpoint, the step
+RNG is a function of (seed, step), and metrics files are cut back to the restored step.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import shutil
 import signal
 import sys
 import time
@@ -17,15 +21,16 @@ import numpy as np
 import yaml
 
 from jaxtx import model as jmodel
+from jaxtx import run_dir as rd
 from jaxtx import sharding as shd
-from jaxtx.config import ConfigError
+from jaxtx.config import ConfigError, ModelConfig
 from jaxtx.train import data as jdata
 from jaxtx.train import metrics as jmetrics
 from jaxtx.train.checkpoint import Checkpointer
-from jaxtx.train.config import RunConfig
+from jaxtx.train.config import SECTIONS, RunConfig
 from jaxtx.train.objectives import make_objective
 from jaxtx.train.optim import make_optimizer
-from jaxtx.train.sample import greedy_generate
+from jaxtx.train.sample import context_before_response, greedy_generate, training_prompt_layout
 from jaxtx.train.step import init_train_state, make_eval_step, make_train_step, state_shardings
 from jaxtx.train.tokenizer import EOS
 
@@ -79,15 +84,68 @@ def check_batch(run_cfg: RunConfig, mesh, rules) -> None:
                           f"divisible by the data-parallel size {dp} (mesh axes {dict(mesh.shape)})")
 
 
-def _write_config(run_cfg: RunConfig, run_dir: Path, log) -> None:
-    path, new = run_dir / "config.yaml", run_cfg.to_dict()
-    if path.exists():
-        old = yaml.safe_load(path.read_text()) or {}
-        diff = [f"{s}.{k}" for s in new if isinstance(new[s], dict)
-                for k in new[s] if (old.get(s) or {}).get(k) != new[s][k]]
-        if diff:
-            log(f"note: resuming with changed settings {diff} (was {path})")
-    path.write_text(yaml.safe_dump(new, sort_keys=False))
+def _defaults() -> dict:
+    """Every section's defaults, resolved like config.yaml: a key an older config.yaml lacks counts as its default."""
+    return {"model": ModelConfig().to_dict(), **{s: dataclasses.asdict(cls()) for s, cls in SECTIONS.items()}}
+
+
+def _init_from(path: str) -> tuple[Path, int]:
+    """(checkpoints folder, newest step) of train.init_from: a run dir or its checkpoints/ folder. Reads only."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ConfigError(f"train.init_from={path!r}: no such folder (expected a jaxtx run dir or its checkpoints/)")
+    ckpts = p / rd.CHECKPOINTS if (p / rd.CHECKPOINTS).is_dir() else p
+    steps = rd.checkpoint_steps(ckpts)
+    if not steps:
+        raise ConfigError(f"train.init_from={path!r}: no finished checkpoint in {ckpts} (expected <step>/state)")
+    return ckpts, steps[-1]
+
+
+class _RunDir:
+    """out_dir for this run: checked before anything is written, and on failure before the first checkpoint, what
+    this run created is removed again (a folder it made, or the entries it added to a folder that was empty)."""
+
+    def __init__(self, run_cfg: RunConfig, log, main_process: bool):
+        self.path = Path(run_cfg.out_dir)
+        self.main = main_process
+        self.kind = rd.check_out_dir(self.path)  # "new" | "run"; raises for a file or a foreign folder
+        if self.kind == "run":
+            for key, a, b in rd.check_resume(self.path, run_cfg.to_dict(), _defaults()):
+                log(f"note: resuming with {key} changed from {a!r} to {b!r}")
+            steps = rd.checkpoint_steps(self.path)
+            if steps and run_cfg.data.tokenizer is None and not (self.path / rd.TOKENIZER).is_file():
+                raise ConfigError(
+                    f"{self.path / rd.TOKENIZER} is missing but {self.path / rd.CHECKPOINTS} holds steps {steps}: "
+                    "their token ids mean nothing without the tokenizer they were trained with, and a new one "
+                    "would map ids to other pieces. Put the file back (nothing was changed)")
+        self.top = next((p for p in reversed([self.path, *self.path.parents]) if not p.exists()), None)
+        self.before = set(self.path.iterdir()) if self.path.exists() else set()
+
+    def create(self, run_cfg: RunConfig, layout: rd.PromptLayout) -> None:
+        """A new run records its config and layout first, so even a run killed early is recognised as a run dir."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        if self.kind == "new":
+            self.record(run_cfg, layout)
+
+    def record(self, run_cfg: RunConfig, layout: rd.PromptLayout) -> None:
+        """config.yaml and the prompt layout as this run has them (a resumed run: after its checkpoint restored, so a
+        refused resume leaves them as they were)."""
+        if not self.main:
+            return
+        if rd.read_config(self.path) != run_cfg.to_dict():
+            rd.write_config(self.path, run_cfg.to_dict())
+        if rd.read_prompt_layout(self.path) != layout:
+            rd.write_prompt_layout(self.path, layout)
+
+    def undo(self) -> None:
+        """After a failure: remove what this run made, unless a checkpoint exists (then it is a resumable run)."""
+        if not self.main or self.kind == "run" or rd.checkpoint_steps(self.path):
+            return
+        if self.top is not None:  # the folder (and any parents) did not exist: all of it is this run's
+            shutil.rmtree(self.top, ignore_errors=True)
+            return
+        for p in set(self.path.iterdir()) - self.before:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
 
 
 class _Signals:
@@ -115,34 +173,58 @@ class _Signals:
 
 def train(run_cfg: RunConfig, log=print) -> dict:
     """Run (or resume) a training run. Returns a summary dict; raises ConfigError / NonFiniteError."""
-    t_start = time.time()
     main_process = jax.process_index() == 0  # only process 0 logs and writes metrics; checkpoints are collective
     if not main_process:
         log = lambda *a, **k: None  # noqa: E731
+    init = _init_from(run_cfg.train.init_from) if run_cfg.train.init_from else None
+    if init is not None:  # a checkpoint of another model is refused before anything is written
+        rd.check_params_fit(*init, rd.abstract_params(run_cfg.model_config()), f"train.init_from={init[0].parent}")
+    out = _RunDir(run_cfg, log, main_process)  # every check that protects existing files, before any write
+    try:
+        return _train(run_cfg, out, init, log, main_process)
+    except BaseException:
+        out.undo()
+        raise
+
+
+def _train(run_cfg: RunConfig, out: _RunDir, init_from, log, main_process: bool) -> dict:
+    t_start = time.time()
     cfg = resolve_model_config(run_cfg)
     t = run_cfg.train
-    run_dir = Path(run_cfg.out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = out.path
+    layout = training_prompt_layout(t.objective, EOS)
+    out.create(run_cfg, layout)
+    if init_from is not None and run_cfg.data.tokenizer is None and not (run_dir / rd.TOKENIZER).exists():
+        # the init run's weights index its tokenizer's pieces: a tokenizer trained anew would remap them
+        src = init_from[0].parent / rd.TOKENIZER
+        if src.is_file():
+            shutil.copyfile(src, run_dir / rd.TOKENIZER)
+            log(f"tokenizer from {src}")
     data = jdata.prepare(run_cfg, cfg, run_dir)
     mesh, rules = make_run_mesh(run_cfg)
     check_batch(run_cfg, mesh, rules)
-    _write_config(run_cfg, run_dir, log)
 
     model = jmodel.build(cfg)
     optimizer = make_optimizer(run_cfg.optim, t.steps)
     abstract, shardings = state_shardings(model, cfg, run_cfg, optimizer, mesh, rules)
-    ckpt = Checkpointer(run_dir / "checkpoints", keep=t.keep_ckpts, async_save=t.async_ckpt)
-    restored = ckpt.restore_latest(abstract, log=log)
-    if restored is not None:
-        start, state, meta = restored
-        log(f"resuming from {ckpt.dir}/{start}")
-    else:
-        start, meta = 0, None
-        init = None
-        if t.init_from:
-            init = Checkpointer(t.init_from).restore_params(abstract["params"])
-            log(f"params from {t.init_from}")
-        state = init_train_state(model, cfg, run_cfg, optimizer, mesh, rules, jax.random.key(t.seed), params=init)
+    ckpt = Checkpointer(run_dir / rd.CHECKPOINTS, keep=t.keep_ckpts, async_save=t.async_ckpt)
+    try:
+        restored = ckpt.restore_latest(abstract, log=log)
+        if restored is not None:
+            start, state, meta = restored
+            log(f"resuming from {ckpt.dir}/{start}")
+        else:
+            start, meta = 0, None
+            init = None
+            if init_from is not None:
+                init = rd.restore_params(*init_from, abstract["params"], f"train.init_from={t.init_from}")
+                log(f"params from {init_from[0]}/{init_from[1]}")
+            state = init_train_state(model, cfg, run_cfg, optimizer, mesh, rules, jax.random.key(t.seed),
+                                     params=init)
+        out.record(run_cfg, layout)
+    except BaseException:
+        ckpt.close()
+        raise
 
     # Each process loads exactly the global-batch rows its devices hold (processes that share rows, e.g. when a
     # tensor axis spans processes, load the same rows); the row block [lo, hi) is shard lo // (hi - lo).
@@ -227,8 +309,9 @@ def train(run_cfg: RunConfig, log=print) -> dict:
                 if pending is not None:
                     handle(*pending)
                 pending = (s + 1, m)
-                at_ckpt = (s + 1) % t.ckpt_every == 0 or s + 1 == t.steps
-                at_eval = (s + 1) % t.eval_every == 0 or s + 1 == t.steps
+                # 0 = off: only the final checkpoint / eval (a signal still checkpoints below)
+                at_ckpt = (t.ckpt_every and (s + 1) % t.ckpt_every == 0) or s + 1 == t.steps
+                at_eval = (t.eval_every and (s + 1) % t.eval_every == 0) or s + 1 == t.steps
                 if at_ckpt or at_eval or sig.got:
                     handle(*pending)  # metrics of a checkpointed step are on disk before the checkpoint is
                     pending = None
@@ -250,7 +333,7 @@ def train(run_cfg: RunConfig, log=print) -> dict:
             if bar is not None:
                 bar.close()
         step_done = int(jax.device_get(state["step"]))
-        samples = _samples(model, cfg, state["params"], data, run_cfg) if status == "done" else []
+        samples = _samples(model, cfg, state["params"], data, run_cfg, layout) if status == "done" else []
     if status == "done" and main_process:
         jmetrics.plot_losses(run_dir, data.unigram_entropy)
     return {"status": status, "step": step_done, "train_loss": last["loss"], "eval_loss": last["eval_loss"],
@@ -259,21 +342,24 @@ def train(run_cfg: RunConfig, log=print) -> dict:
             "model": model, "tokenizer": data.tokenizer}
 
 
-def _samples(model, cfg, params, data, run_cfg: RunConfig) -> list[tuple[str, str]]:
-    """(prompt, greedy continuation) pairs for decoder objectives."""
+def _samples(model, cfg, params, data, run_cfg: RunConfig, layout: rd.PromptLayout) -> list[tuple[str, str]]:
+    """(prompt, greedy continuation) pairs for decoder objectives, each prompt laid out as `jaxtx generate` lays out a
+    user's text (the run's PromptLayout): held-out code or the first half of held-out documents, and for sft/dpo
+    the context a held-out row gives the model before its response (which that layout reproduces; tested)."""
     t, tok = run_cfg.train, data.tokenizer
     if cfg.kind != "decoder" or t.samples < 1:
         return []
-    if run_cfg.data.source == "stdlib":
-        prompts = [tok.encode(p) for p in _code_prompts(data.eval_texts, t.samples)]
-    else:
+    if t.objective in ("sft", "dpo"):
         rows = data.eval_rows
-        prompts = []
-        for i in range(min(t.samples, len(rows["tokens"]))):
-            toks, seg = rows["tokens"][i], rows["segment_ids"][i]
-            n = int(((seg == seg[0]) & (rows["loss_mask"][i] == 0)).sum()) if "loss_mask" in rows else 8
-            prompts.append([int(x) for x in toks[:max(1, n)]])
+        prompts = [context_before_response(rows, i) for i in range(min(t.samples, len(rows["tokens"])))]
+    elif run_cfg.data.source == "stdlib":
+        prompts = [layout.apply(tok.encode(p)) for p in _code_prompts(data.eval_texts, t.samples)]
+    else:
+        docs = [tok.encode(x) for x in data.eval_texts[:t.samples]]
+        prompts = [layout.apply(ids[:min(32, max(1, len(ids) // 2))]) for ids in docs if ids]
+    prompts = [p[:cfg.max_seq_len - 1] for p in prompts if p]
+    if not prompts:
+        return []
     n_new = max(1, min(t.sample_tokens, cfg.max_seq_len - max(len(p) for p in prompts)))
     outs = greedy_generate(model, params, prompts, n_new, eos_id=EOS)
     return [(tok.decode(p), tok.decode(o)) for p, o in zip(prompts, outs)]
-

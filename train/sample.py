@@ -1,4 +1,5 @@
-"""Greedy samples from a decoder at the end of training (and in the learning-proof test).
+"""How a trained model is prompted: the run's PromptLayout, and greedy samples at the end of training (and in the
+learning-proof test).
 
 Uses jaxtx.infer.generate when it exists; until then a jitted loop that re-runs the full forward on a fixed-size
 buffer each step (O(T^2) work, fine for a few short samples; causal attention makes the unwritten tail irrelevant).
@@ -10,6 +11,31 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxtx.run_dir import PromptLayout
+
+
+def training_prompt_layout(objective: str, eos_id: int) -> PromptLayout:
+    """The ids around a user's text in the model's own context, as train/packing.py lays rows out per objective
+    (recorded in the run dir; `jaxtx generate --run` and the end-of-run samples prompt with it):
+    - causal: pack_documents lays documents end to end, each followed by EOS, but segment ids restart attention and
+      positions at every document's first token, so a document's context starts at that token: nothing before it.
+      (The EOS that ends the previous document is in the previous segment; the model never sees it before a text.)
+    - sft, dpo: prompt_response_rows starts every row with the prompt's own ids: nothing before, and the response
+      follows the prompt directly.
+    - mlm: chunk_documents cuts raw ids, no [CLS]/[SEP].
+    - span: the encoder input ends with EOS (span_corrupt), so an encoder prompt gets EOS after it."""
+    if objective == "span":
+        return PromptLayout(suffix=(int(eos_id),))
+    return PromptLayout()
+
+
+def context_before_response(rows: dict, i: int) -> list[int]:
+    """The ids row i of prompt_response_rows gives the model before its response: the row's first segment up to the
+    first loss-counted position."""
+    toks, seg, mask = rows["tokens"][i], rows["segment_ids"][i], rows["loss_mask"][i]
+    n = int(((seg == seg[0]) & (np.cumsum(mask) == 0)).sum())
+    return [int(x) for x in toks[:max(1, n)]]
 
 
 @partial(jax.jit, static_argnames=("model", "n_new"))

@@ -183,6 +183,9 @@ def load(path, *, dtype=None, scan_layers: bool = True):
     if not path.is_dir():
         raise HFConversionError(f"{path}: {'a file' if path.exists() else 'no such folder'}; expected a Hugging "
                                 "Face model directory (config.json + *.safetensors)")
+    if (path / "quantization.json").is_file():  # written by `jaxtx quantize`: jaxtx layout + quantized tensors
+        from jaxtx import quant_cli
+        return quant_cli.load(path, dtype=target, scan_layers=scan_layers)
     if folder_kind(path) in ("run", "jaxtx"):
         raise HFConversionError(f"{path}: a jaxtx model or training run dir, not a Hugging Face directory; read it "
                                 "with jaxtx.hf.load_jaxtx (CLI: jaxtx convert --from-jaxtx)")
@@ -295,31 +298,28 @@ def save(model_or_config, params: dict, path, *, max_shard_bytes: int | None = N
 
 
 # ------------------------------------------------------------------------------------------------ jaxtx side + CLI
-def save_jaxtx(cfg: ModelConfig, params: dict, path) -> None:
-    """A jaxtx model directory: config.json (the ModelConfig) + params/ (orbax StandardCheckpointer)."""
-    import orbax.checkpoint as ocp
-    path = Path(path).resolve()
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    ckpt = ocp.StandardCheckpointer()
-    ckpt.save(path / "params", params, force=True)
-    ckpt.wait_until_finished()
+def save_jaxtx(cfg: ModelConfig, params: dict, path, *, hf_dir=None) -> None:
+    """A jaxtx run dir holding this one model (format: jaxtx.run_dir.write_model): `jaxtx generate --run PATH` and
+    load_jaxtx read it. With `hf_dir`, the HF folder's tokenizer files are copied and the prompt layout its tokenizer
+    applies (BOS first, T5's EOS last, ...) is recorded. PATH must be new or empty."""
+    from jaxtx import run_dir
+    run_dir.write_model(path, cfg, params, hf_dir=hf_dir)
 
 
 def load_jaxtx(path) -> tuple[ModelConfig, dict]:
-    """Inverse of save_jaxtx: (config, params) restored in the layout and dtype the config declares. A training run
-    dir (config.yaml + checkpoints/) is read too: its newest finished checkpoint."""
-    import flax.linen as nn
-    import orbax.checkpoint as ocp
-
-    import jaxtx.config
-    import jaxtx.model
+    """Inverse of save_jaxtx: (config, params) restored in the layout and dtype the config declares, from any jaxtx
+    run dir (a training run's newest finished checkpoint too). The older convert format (config.json + orbax params/)
+    is still read."""
     from jaxtx import run_dir
+    from jaxtx.config import ConfigError, from_dict
 
     path = Path(path).resolve()
     if run_dir.is_run_dir(path):
         cfg, params, _ = run_dir.load_params(path)
         return cfg, params
-    cfg = jaxtx.config.from_dict(json.loads((path / "config.json").read_text()), str(path / "config.json"))
-    abstract = nn.unbox(jaxtx.model.abstract_params(jaxtx.model.build(cfg)))
-    return cfg, ocp.StandardCheckpointer().restore(path / "params", abstract)
+    if (path / "config.json").is_file() and (path / "params").is_dir():  # written by jaxtx before run dirs
+        import orbax.checkpoint as ocp
+        cfg = from_dict(json.loads((path / "config.json").read_text()), str(path / "config.json"))
+        return cfg, ocp.StandardCheckpointer().restore(path / "params", run_dir.abstract_params(cfg))
+    raise ConfigError(f"{path}: not a jaxtx model or run dir (expected config.yaml with a `model:` section and "
+                      "checkpoints/)")

@@ -208,7 +208,7 @@ def convert_main(args: argparse.Namespace) -> int:
     try:
         if args.from_hf:
             model, params = hf.load(s, scan_layers=True)
-            replaced = write_folder(d, lambda tmp: hf.save_jaxtx(model.cfg, params, tmp))
+            replaced = write_folder(d, lambda tmp: hf.save_jaxtx(model.cfg, params, tmp, hf_dir=s))
             what = f"jaxtx {hf.family_of(model.cfg)} model ({model.cfg.n_layers} layers)"
         else:
             cfg, params = hf.load_jaxtx(s)

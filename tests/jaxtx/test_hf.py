@@ -172,7 +172,7 @@ def test_convert_cli_round_trip(tmp_path):
     p = argparse.ArgumentParser()
     jaxtx.hf.add_convert_args(p)
     jaxtx.hf.convert_main(p.parse_args(["--from-hf", str(FIX / "gpt2"), "--to", str(tmp_path / "jx")]))
-    assert (tmp_path / "jx" / "config.json").exists()
+    assert (tmp_path / "jx" / "config.yaml").exists()  # a jaxtx run dir (jaxtx.run_dir)
     jaxtx.hf.convert_main(p.parse_args(["--from-jaxtx", str(tmp_path / "jx"), "--to-hf", "--to", str(tmp_path / "hf")]))
     _, a = loaded("gpt2")
     _, b = jaxtx.hf.load(tmp_path / "hf")

@@ -1,0 +1,116 @@
+"""jaxtx.run_dir: the prompt layout an HF tokenizer applies, the resume allow-list, and `jaxtx convert --from-hf`
+writing a run dir that `jaxtx generate --run` (infer.loading) and load_jaxtx read."""
+import io
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+import jaxtx.hf
+from jaxtx import run_dir as rd
+from jaxtx.cli import main
+
+FIX = Path(__file__).resolve().parents[1] / "fixtures" / "hf"
+
+
+def _hf_copy(tmp_path, name, **files):
+    d = tmp_path / name
+    shutil.copytree(FIX / name, d)
+    for fname, content in files.items():
+        (d / fname.replace("__", ".")).write_text(json.dumps(content) if not isinstance(content, str) else content)
+    return d
+
+
+def _sentencepiece(path: Path):
+    text = "def main():\n    return 1\n" * 100 + "hello world, the quick brown fox jumps over the lazy dog\n" * 50
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text.splitlines(keepends=True)), model_writer=buf,
+                                   vocab_size=100, model_type="bpe", pad_id=0, unk_id=3, bos_id=1, eos_id=2,
+                                   byte_fallback=False, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, minloglevel=2)
+    path.write_bytes(buf.getvalue())
+
+
+def test_prompt_layout_apply():
+    assert rd.PromptLayout((1,), (2,)).apply(np.array([5, 6])) == [1, 5, 6, 2]
+    assert rd.PromptLayout().apply([7]) == [7]
+    assert rd.PromptLayout.from_dict({"prefix": [1], "suffix": []}, "x") == rd.PromptLayout((1,))
+
+
+def test_hf_layout_from_tokenizer_json_post_processor(tmp_path):
+    post = {"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                       {"SpecialToken": {"id": "</s>", "type_id": 0}}],
+            "special_tokens": {"<s>": {"id": "<s>", "ids": [1]}, "</s>": {"id": "</s>", "ids": [2]}}}
+    d = _hf_copy(tmp_path, "llama", tokenizer__json={"post_processor": post})
+    assert rd.hf_prompt_layout(d) == rd.PromptLayout((1,), (2,))
+    llama3 = {"type": "Sequence", "processors": [{"type": "ByteLevel"}, {**post, "single": post["single"][:2]}]}
+    d = _hf_copy(tmp_path / "b", "llama", tokenizer__json={"post_processor": llama3})
+    assert rd.hf_prompt_layout(d) == rd.PromptLayout((1,))
+    d = _hf_copy(tmp_path / "c", "gpt2", tokenizer__json={"post_processor": {"type": "ByteLevel"}})
+    assert rd.hf_prompt_layout(d) == rd.PromptLayout()  # GPT-2's tokenizer adds nothing
+
+
+def test_hf_layout_from_sentencepiece_and_tokenizer_config(tmp_path):
+    d = _hf_copy(tmp_path, "llama")
+    _sentencepiece(d / "tokenizer.model")
+    assert rd.hf_prompt_layout(d) == rd.PromptLayout((1,))  # LlamaTokenizer: add_bos_token defaults to true
+    (d / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False}))
+    assert rd.hf_prompt_layout(d) == rd.PromptLayout()
+    t5 = _hf_copy(tmp_path, "t5")
+    _sentencepiece(t5 / "spiece.model")
+    assert rd.hf_prompt_layout(t5) == rd.PromptLayout(suffix=(2,))  # T5Tokenizer appends </s>
+
+
+def test_resume_allow_list():
+    old = {"model": {"n_layers": 2, "dtype": "float32", "preset": "a"}, "train": {"steps": 4, "seed": 0},
+           "mesh": {"data": 1}, "out_dir": "x"}
+    new = {"model": {"n_layers": 2, "dtype": "bfloat16", "preset": "b", "window": None},
+           "train": {"steps": 8, "seed": 1}, "mesh": {"data": -1}, "out_dir": "y"}
+    safe, unsafe = rd.resume_changes(old, new, {"model": {"window": None}})
+    assert sorted(k for k, *_ in safe) == ["mesh.data", "model.dtype", "train.steps"]
+    assert unsafe == [("train.seed", 0, 1)]
+    _, unsafe = rd.resume_changes(old, {**new, "model": {**new["model"], "window": 8}}, {"model": {"window": None}})
+    assert ("model.window", None, 8) in unsafe  # a key an older config.yaml lacks counts as its default
+
+
+def test_convert_from_hf_writes_a_run_dir_generate_loads(tmp_path, capsys):
+    from jaxtx.infer.loading import load_run
+    src = _hf_copy(tmp_path, "llama")
+    _sentencepiece(src / "tokenizer.model")
+    out = tmp_path / "converted"
+    assert main(["convert", "--from-hf", str(src), "--to", str(out)]) == 0
+    assert rd.is_run_dir(out) and rd.checkpoint_steps(out) == [0]
+    assert (out / "tokenizer.model").read_bytes() == (src / "tokenizer.model").read_bytes()
+    _, want = jaxtx.hf.load(src)
+    loaded = load_run(out)
+    assert loaded.step == 0 and loaded.tokenizer is not None and loaded.tokenizer.eos_id == 2
+    assert loaded.prompt_layout == rd.PromptLayout((1,)) and loaded.note is None
+    jax.tree.map(np.testing.assert_array_equal, loaded.params, want)
+    cfg, params = jaxtx.hf.load_jaxtx(out)
+    jax.tree.map(np.testing.assert_array_equal, params, want)
+    rc = main(["generate", "--run", str(out), "--prompt", "def main():", "--max-new-tokens", "3"])
+    assert rc == 0, capsys.readouterr().err
+
+
+def test_write_model_refuses_a_non_empty_folder(tmp_path):
+    (tmp_path / "keep.txt").write_text("x")
+    cfg = jaxtx.config.load_model_config("tiny", ["n_layers=1", "d_model=32", "n_heads=4", "d_ff=64",
+                                                 "vocab_size=64"])
+    with pytest.raises(jaxtx.config.ConfigError, match="not an empty folder"):
+        rd.write_model(tmp_path, cfg, {})
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_old_run_dir_without_a_layout_gets_the_training_layout_and_a_note(tmp_path):
+    from jaxtx.infer.loading import load_run
+    src = _hf_copy(tmp_path, "llama")
+    out = tmp_path / "run"
+    jaxtx.hf.save_jaxtx(jaxtx.hf.load(src)[0].cfg, jaxtx.hf.load(src)[1], out)
+    (out / rd.LAYOUT).unlink()
+    loaded = load_run(out)
+    assert loaded.prompt_layout == rd.PromptLayout() and "records no prompt layout" in loaded.note
