@@ -48,6 +48,22 @@ class Event:
     stop_len: int = 0  # trailing output tokens that form the matched stop sequence (finish_reason "stop")
 
 
+_JITTED: dict = {}
+
+
+def _jitted(model):
+    """(step, loop) jitted once per model object: engines over the same model (other pool sizes or scheduling
+    settings of the same shapes) share executables."""
+    key = id(model)
+    if key not in _JITTED or _JITTED[key][0] is not model:
+        step = jax.jit(functools.partial(step_lib.ragged_step, model), static_argnames=("all_logits", "n_top"),
+                       donate_argnums=(1,))
+        loop = jax.jit(functools.partial(step_lib.decode_loop, model),
+                       static_argnames=("steps", "n_top", "page_size"), donate_argnums=(1,))
+        _JITTED[key] = (model, step, loop)
+    return _JITTED[key][1:]
+
+
 @functools.partial(jax.jit, donate_argnums=(0,))
 def _set_penalty_row(state, slot, seen_V, counts_V):
     return state._replace(seen=state.seen.at[slot].set(seen_V), counts=state.counts.at[slot].set(counts_V))
@@ -79,10 +95,7 @@ class Engine:
         R, V = config.max_seqs, mcfg.vocab_size
         self.state = step_lib.DeviceState(cache, jnp.zeros((R, V), bool), jnp.zeros((R, V), jnp.int32))
         self.kv_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(cache))
-        self._step = jax.jit(functools.partial(step_lib.ragged_step, model), static_argnames=("all_logits", "n_top"),
-                             donate_argnums=(1,))
-        self._loop = jax.jit(functools.partial(step_lib.decode_loop, model), static_argnames=("steps", "n_top", "page_size"),
-                             donate_argnums=(1,))
+        self._step, self._loop = _jitted(model)
         self._lock = threading.Lock()
         self._incoming: list = []
         self._aborts: list = []
