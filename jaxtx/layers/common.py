@@ -50,6 +50,9 @@ class Dense(nn.Module):
         if self.use_bias:
             b = param(self, "bias", self.shape[self.n_in:], self.axes[self.n_in:], self.cfg, nn.initializers.zeros)
             y = y + b.astype(dt)
+        if self.has_variable("params", "lora_a"):  # a LoRA adapter beside the kernel (jaxtx.lora)
+            from jaxtx.lora.dense import adapter_delta
+            y = y + adapter_delta(self, self.eq, self.n_in, x.astype(dt), dt)
         return y
 
 
