@@ -7,6 +7,8 @@ import os
 import sys
 from importlib.metadata import entry_points
 
+from jaxtx.argtypes import integer, real
+
 EPILOG = """examples:
   jaxtx info llama3-8b --seq-len 8192
   jaxtx info tiny n_layers=2 d_model=128
@@ -21,6 +23,8 @@ def _cmd_info(args) -> int:
     from jaxtx import sizing
     from jaxtx.config import load_model_config
 
+    if args.kv_dtype not in sizing.DTYPE_BYTES:
+        raise ValueError(f"--kv-dtype {args.kv_dtype!r}: expected one of {', '.join(sorted(sizing.DTYPE_BYTES))}")
     cfg = load_model_config(args.config, args.overrides)
     print(sizing.report(cfg, seq_len=args.seq_len, batch=args.batch, kv_dtype=args.kv_dtype, compute=args.compute))
     return 0
@@ -39,10 +43,12 @@ def _register_core(sub) -> None:
                                    "bytes, training memory, and optionally the Chinchilla-optimal size for a budget.")
     p.add_argument("config", help="preset name under configs/models/ (e.g. tiny, llama3-8b) or a YAML path")
     p.add_argument("overrides", nargs="*", help="ModelConfig overrides, e.g. n_layers=2 window=4096")
-    p.add_argument("--seq-len", type=int, default=2048, help="context length for FLOPs and KV cache (default 2048)")
-    p.add_argument("--batch", type=int, default=1, help="sequences for the KV-cache total (default 1)")
+    p.add_argument("--seq-len", type=integer(minimum=1), default=2048,
+                   help="context length for FLOPs and KV cache (default 2048)")
+    p.add_argument("--batch", type=integer(minimum=1), default=1, help="sequences for the KV-cache total (default 1)")
     p.add_argument("--kv-dtype", default="bfloat16", help="KV cache dtype: bfloat16, float16, float32, int8")
-    p.add_argument("--compute", type=float, default=None, help="a FLOP budget: print the Chinchilla-optimal N and D")
+    p.add_argument("--compute", type=real(0.0, low_open=True), default=None,
+                   help="a FLOP budget (> 0): print the Chinchilla-optimal N and D")
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("convert", help="convert checkpoints between Hugging Face safetensors and jaxtx (orbax)",
