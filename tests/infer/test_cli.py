@@ -75,7 +75,9 @@ def test_run_dir_loads_and_streams(tmp_path, capsys):
     assert loaded.step == 7 and loaded.model.cfg == model.cfg and loaded.tokenizer.eos_id == 3
     jax.tree.map(np.testing.assert_array_equal, loaded.params, params)
     tok = loaded.tokenizer
-    prompt = [3] + tok.encode("def main():")
+    # no layout recorded: a decoder run is prompted with the bare text, as its packed documents began (no EOS first)
+    assert loaded.prompt_layout.apply([7, 8]) == [7, 8]
+    prompt = tok.encode("def main():")
     want = generate(model, params, [prompt], max_new_tokens=12, eos_id=3).tokens[0]
     rc, out, err = _run_cli(["generate", "--run", str(tmp_path / "run"), "--prompt", "def main():",
                              "--max-new-tokens", "12"], capsys)
@@ -93,7 +95,7 @@ def test_run_dir_loads_and_streams(tmp_path, capsys):
     rc, out, err = _run_cli(["generate", "--run", str(tmp_path / "run"), "--prompts-file", str(tmp_path / "prompts.txt"),
                              "--max-new-tokens", "12"], capsys)
     assert rc == 0, err
-    second = generate(model, params, [[3] + tok.encode("hello world")], max_new_tokens=12, eos_id=3).tokens[0]
+    second = generate(model, params, [tok.encode("hello world")], max_new_tokens=12, eos_id=3).tokens[0]
     assert out == f"=== 0\n{text}\n=== 1\n{tok.decode(second)}\n"
 
 
