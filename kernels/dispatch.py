@@ -70,14 +70,11 @@ def select_backend(q, k, *, bias=None, platform=None, **kw):
     """The backend backend="auto" would use for these arguments on `platform` (default: jax.default_backend())."""
     platform = platform or jax.default_backend()
     T, S = q.shape[1], k.shape[1]
-    if bias is not None or platform not in ("tpu", "gpu", "cuda", "rocm"):
+    if bias is not None or platform not in PALLAS_BACKEND:
         return "xla" if T * S <= XLA_MAX_TS else "blockwise"
-    if platform == "tpu":
-        return "pallas_tpu"
-    if platform == "cuda" or platform == "gpu":
-        if cudnn_unsupported_reason(q, k, bias=bias, **kw) is None:
-            return "cudnn"
-    return "pallas_gpu"
+    if platform in ("cuda", "gpu") and cudnn_unsupported_reason(q, k, bias=bias, **kw) is None:
+        return "cudnn"
+    return PALLAS_BACKEND[platform]
 
 
 def attention(q, k, v, *, causal=False, window=None, segment_ids=None, kv_segment_ids=None, alibi_slopes=None,

@@ -131,13 +131,17 @@ def padded_segments(segment_ids, kv_segment_ids, B: int, T: int, Tp: int, Sp: in
 
 def element_mask(q_idx, k_idx, q_seg, kv_seg, spec: MaskSpec, *, padded_kv: bool):
     """Visibility of keys k_idx [bk] to queries q_idx [bq] -> bool [..., bq, bk] (leading dims from the segment ids
-    q_seg [..., bq] / kv_seg [..., bk]) or None when everything is visible."""
+    q_seg [..., bq] / kv_seg [..., bk]) or None when everything is visible.
+
+    Indices that are already 2-D (q_idx [bq, 1|bk], k_idx [1|bq, bk], segments [bq, 1] / [1, bk]: the layout Mosaic
+    wants, no 1-D vectors) are used as given."""
     mask = None
 
     def _and(new):
         return new if mask is None else jnp.logical_and(mask, new)
 
-    qi, kj = q_idx[:, None], k_idx[None, :]
+    two_d = q_idx.ndim == 2
+    qi, kj = (q_idx, k_idx) if two_d else (q_idx[:, None], k_idx[None, :])
     if padded_kv:
         mask = _and(kj < spec.kv_len)
     if spec.causal:
@@ -147,7 +151,7 @@ def element_mask(q_idx, k_idx, q_seg, kv_seg, spec: MaskSpec, *, padded_kv: bool
         if not spec.causal:
             mask = _and(kj - qi < spec.window)
     if q_seg is not None:
-        mask = _and(q_seg[..., :, None] == kv_seg[..., None, :])
+        mask = _and(q_seg == kv_seg if two_d else q_seg[..., :, None] == kv_seg[..., None, :])
     return mask
 
 

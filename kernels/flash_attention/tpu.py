@@ -24,8 +24,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from jaxtx.kernels.flash_attention.common import (MASK_VALUE, BlockSizes, MaskSpec, check_inputs, pad_axis,
-                                                  padded_segments, round_up)
+from jaxtx.kernels.flash_attention.common import (MASK_VALUE, BlockSizes, MaskSpec, check_inputs, element_mask,
+                                                  pad_axis, padded_segments, round_up)
 
 DEFAULT_BLOCK_SIZES = BlockSizes(block_q=128, block_k=128)
 _NT = (((1,), (1,)), ((), ()))  # contract the last dims: a @ b.T
@@ -73,21 +73,8 @@ def _tile(q, k, i, j, h, qseg_ref, kvseg_ref, slopes_ref, *, spec, bq, bk, has_s
     kj = j * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
     if has_alibi:
         s = s - slopes_ref[h] * jnp.abs(qi - kj).astype(jnp.float32)
-    mask = None
-
-    def _and(new):
-        return new if mask is None else mask & new
-
-    if padded_kv:
-        mask = _and(kj < spec.kv_len)
-    if spec.causal:
-        mask = _and(kj <= qi)
-    if spec.window is not None:
-        mask = _and(qi - kj < spec.window)
-        if not spec.causal:
-            mask = _and(kj - qi < spec.window)
-    if has_seg:
-        mask = _and(qseg_ref[...] == kvseg_ref[...])  # [bq, 1] == [1, bk]
+    mask = element_mask(qi, kj, qseg_ref[...] if has_seg else None, kvseg_ref[...] if has_seg else None, spec,
+                        padded_kv=padded_kv)  # segments [bq, 1] == [1, bk]
     if mask is not None:
         s = jnp.where(mask, s, MASK_VALUE)
     return s, mask

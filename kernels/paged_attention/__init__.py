@@ -2,11 +2,12 @@
 
 `paged_attention` checks shapes, lays the queries out as [B, K, T*G, Hd] rows per kv head (GQA without repeating
 K/V), and runs the TPU (Mosaic), GPU (Triton) or XLA reference body. backend="auto": TPU -> "pallas_tpu",
-GPU -> "pallas_gpu", CPU -> "xla" (or "pallas_gpu" in interpret mode when interpret=True).
+GPU -> "pallas_gpu", CPU -> "xla" (or "pallas_gpu" in interpret mode when interpret=True): `dispatch.kernel_backend`.
+`ragged_paged_attention` (ragged.py) is the serving engine's call: decode tokens and prefill chunks of many sequences
+on one flat token axis.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from jaxtx.kernels.paged_attention.ragged import RAGGED_BACKENDS, ragged_paged_attention
@@ -53,9 +54,9 @@ def paged_attention(q, k_pages, v_pages, lengths, page_indices, *, k_scales=None
     if backend not in PAGED_BACKENDS:
         raise ValueError(f"paged_attention: backend={backend!r}; expected one of {PAGED_BACKENDS}")
     if backend == "auto":
-        platform = jax.default_backend()
-        backend = {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu"}.get(
-            platform, "pallas_gpu" if interpret else "xla")
+        from jaxtx.kernels.dispatch import kernel_backend  # late: dispatch imports the kernel packages
+
+        backend = kernel_backend("xla", interpret=interpret)
     if backend == "xla":
         return paged_attention_reference(q, k_pages, v_pages, lengths, page_indices, k_scales=k_scales,
                                          v_scales=v_scales, softmax_scale=softmax_scale, window=window)

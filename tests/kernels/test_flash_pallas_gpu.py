@@ -6,7 +6,7 @@ import pytest
 
 from kernels_testutil import MASK_CASES, check_against_reference, fresh_key, make_qkv, mask_kwargs
 
-from jaxtx.kernels import BlockSizes, attention, attention_reference, flash_attention
+from jaxtx.kernels import BlockSizes, attention, attention_reference
 from jaxtx.kernels.flash_attention.gpu import flash_attention_gpu
 
 BS = BlockSizes(16, 16)  # small tiles: several blocks per sequence even at test sizes
@@ -72,8 +72,8 @@ def test_fully_masked_rows_zero_and_dispatch_by_name():
     dq = jax.jit(jax.grad(lambda q_: jnp.sum(f(q_) ** 2 + f(q_))))(q)
     assert np.isfinite(np.asarray(dq)).all()
     np.testing.assert_array_equal(np.asarray(dq[:, 8:]), 0.0)
-    # flash_attention(backend="auto", interpret=True) on CPU is this kernel too
-    np.testing.assert_allclose(flash_attention(q, k, v, interpret=True, block_sizes=BS, **kw), o, atol=1e-6)
+    # attention(backend="auto", interpret=True) on CPU is this kernel too
+    np.testing.assert_allclose(attention(q, k, v, interpret=True, block_sizes=BS, **kw), o, atol=1e-6)
 
 
 def test_rejects_non_power_of_two_blocks():
