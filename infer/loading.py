@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 from jaxtx import run_dir as rd
 from jaxtx.config import ConfigError
+from jaxtx.tokenizer import TextTokenizer  # noqa: F401 (re-exported: infer's callers import it from here)
 
 
 class LoadError(ValueError):
@@ -28,48 +29,6 @@ class Loaded:
     step: Optional[int] = None
     prompt_layout: rd.PromptLayout = rd.PromptLayout()  # ids around a user's text, as training / the tokenizer had it
     note: Optional[str] = None  # something a user should know about how the model is prompted
-
-
-class TextTokenizer:
-    """The few calls the CLI needs, over sentencepiece or HF `tokenizers`."""
-
-    def __init__(self, sp=None, hf=None, eos_id=None, bos_id=None, special=()):
-        self.sp, self.hf = sp, hf
-        self.eos_id, self.bos_id = eos_id, bos_id
-        self.special = {i for i in special if i is not None and i >= 0}
-
-    @property
-    def vocab_size(self) -> int:
-        return self.sp.get_piece_size() if self.sp is not None else self.hf.get_vocab_size()
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.sp.encode(text)) if self.sp is not None else self.hf.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids) -> str:
-        # a model's vocab may be padded past the tokenizer's pieces: ids without a piece decode to nothing
-        n = self.vocab_size
-        ids = [int(i) for i in ids if int(i) not in self.special and 0 <= int(i) < n]
-        return self.sp.decode(ids) if self.sp is not None else self.hf.decode(ids)
-
-    @classmethod
-    def from_sentencepiece(cls, path: Path) -> "TextTokenizer":
-        import sentencepiece as spm
-        sp = spm.SentencePieceProcessor(model_file=str(path))
-        return cls(sp=sp, eos_id=sp.eos_id(), bos_id=sp.bos_id(), special=(sp.pad_id(), sp.bos_id(), sp.eos_id()))
-
-    @classmethod
-    def from_file(cls, t: Optional[rd.TokenizerFile]) -> Optional["TextTokenizer"]:
-        """A tokenizer on disk (jaxtx.run_dir.TokenizerFile), or None when there is none or `tokenizers` is missing."""
-        if t is None:
-            return None
-        if t.sentencepiece:
-            return cls.from_sentencepiece(t.path)
-        try:
-            import tokenizers
-        except ImportError:
-            return None
-        return cls(hf=tokenizers.Tokenizer.from_file(str(t.path)), eos_id=t.eos_id, bos_id=t.bos_id,
-                   special=(t.eos_id, t.bos_id, t.pad_id))
 
 
 def is_run_dir(path: Path) -> bool:

@@ -108,6 +108,9 @@ class _RunDir:
     def __init__(self, run_cfg: RunConfig, log, main_process: bool):
         self.path = Path(run_cfg.out_dir)
         self.main = main_process
+        if not main_process:  # process 0 checks and writes; the others would race with its writes
+            self.kind, self.top, self.before = "other", None, set()
+            return
         self.kind = rd.check_out_dir(self.path)  # "new" | "run"; raises for a file or a foreign folder
         if self.kind == "run":
             for key, a, b in rd.check_resume(self.path, run_cfg.to_dict(), _defaults()):
@@ -139,7 +142,7 @@ class _RunDir:
 
     def undo(self) -> None:
         """After a failure: remove what this run made, unless a checkpoint exists (then it is a resumable run)."""
-        if not self.main or self.kind == "run" or rd.checkpoint_steps(self.path):
+        if self.kind != "new" or rd.checkpoint_steps(self.path):
             return
         if self.top is not None:  # the folder (and any parents) did not exist: all of it is this run's
             shutil.rmtree(self.top, ignore_errors=True)

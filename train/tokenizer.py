@@ -10,10 +10,10 @@ import io
 from pathlib import Path
 from typing import Iterable
 
-import numpy as np
 import sentencepiece as spm
 
 from jaxtx.config import ConfigError
+from jaxtx.tokenizer import TextTokenizer
 
 # ids fixed by our training arguments, so every tokenizer we train has the same specials in the same slots
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
@@ -22,22 +22,18 @@ MASK_PIECE = "<mask>"
 MASK_ID = 5  # after the 4 specials and "\n" (user_defined_symbols keep their order)
 
 
-class Tokenizer:
-    def __init__(self, proto: bytes):
-        self.proto = proto
-        self.sp = spm.SentencePieceProcessor(model_proto=proto)
-        self.vocab_size = self.sp.get_piece_size()
-        self.mask_id = self.sp.piece_to_id(MASK_PIECE)  # MASK_ID for our tokenizers; looked up for external ones
+class Tokenizer(TextTokenizer):
+    """A sentencepiece model this run trained (or data.tokenizer): the shared TextTokenizer plus what training needs
+    (batch encoding, T5 sentinels, the MLM mask id, the model bytes to save in the run dir)."""
 
-    def encode(self, text: str) -> list[int]:
-        return self.sp.encode(text)
+    def __init__(self, proto: bytes):
+        sp = spm.SentencePieceProcessor(model_proto=proto)
+        super().__init__(sp=sp, eos_id=sp.eos_id(), bos_id=sp.bos_id(), special=(sp.pad_id(), sp.bos_id(), sp.eos_id()))
+        self.proto = proto
+        self.mask_id = self.sp.piece_to_id(MASK_PIECE)  # MASK_ID for our tokenizers; looked up for external ones
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self.sp.encode(texts, num_threads=2)
-
-    def decode(self, ids) -> str:
-        ids = [int(i) for i in np.asarray(ids).reshape(-1) if int(i) not in (PAD, BOS, EOS)]
-        return self.sp.decode(ids)
 
     def sentinel(self, i: int) -> int:
         """<extra_id_i>: the i-th T5 sentinel."""
@@ -49,9 +45,12 @@ class Tokenizer:
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
         p = Path(path)
-        if not p.exists():
+        if not p.is_file():
             raise ConfigError(f"data.tokenizer={str(path)!r}: file not found")
-        return cls(p.read_bytes())
+        try:
+            return cls(p.read_bytes())
+        except RuntimeError as e:  # sentencepiece cannot parse it
+            raise ConfigError(f"{p}: not a sentencepiece model ({str(e).splitlines()[0][:200]})") from None
 
 
 def _chunks(texts: Iterable[str], max_chars: int, piece: int = 2000):
