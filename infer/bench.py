@@ -123,8 +123,8 @@ def _jax_runner(model, params, B, T, N, quantize):
     ids = rng.integers(3, model.cfg.vocab_size, (B, T)).astype(np.int32)
     lens, live, seeds = np.full(B, T, np.int32), np.ones(B, bool), np.zeros(B, np.uint32)
     max_len = T + N
-    full = G._compiled(model)
-    prefill = jax.jit(lambda p, i, l: G.prefill(G._step_fn(model, p), model.cfg, i, l, live, max_new=N,
+    full = G.generate_program(model)
+    prefill = jax.jit(lambda p, i, l: G.prefill(G.step_fn(model, p), model.cfg, i, l, live, max_new=N,
                                                 max_len=max_len, sampling=GREEDY, want_logprobs=False,
                                                 quantize=quantize).logits.argmax(-1))
 

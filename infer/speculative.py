@@ -20,33 +20,49 @@ has already left every later query's window.
 from __future__ import annotations
 
 import dataclasses
-import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtx.infer import generation as G
-from jaxtx.infer import sampling as S
+from jaxtx.infer import generation
+from jaxtx.infer import sampling as sampling_lib
 from jaxtx.infer import stop as stop_lib
 from jaxtx.infer.prompts import check_options
 from jaxtx.infer.speculative_rule import accept
 
 
 @dataclasses.dataclass
-class SpeculativeResult(G.Generation):
+class SpeculativeResult(generation.Generation):
     acceptance_rate: float = 0.0  # accepted drafts / proposed drafts (over live rows and rounds)
     tokens_per_round: float = 0.0  # mean tokens emitted per target forward pass (per live row)
     rounds: int = 0
 
 
 def _dist(logits_BV, sampling):
-    return S.probs(logits_BV, sampling)
+    return sampling_lib.probs(logits_BV, sampling)
 
 
 def _draw(probs_BV, keys_B):
     return jax.vmap(jax.random.categorical)(keys_B, jnp.log(jnp.maximum(probs_BV, 1e-38))
                                             + jnp.where(probs_BV > 0, 0.0, -1e30)).astype(jnp.int32)
+
+
+class SpecState(NamedTuple):
+    r: jax.Array  # scalar int32, rounds run
+    cur: jax.Array  # [B] int32, the last emitted token (fed to both models next round, at position pos)
+    pos: jax.Array  # [B] int32, position of cur
+    pend_tok: jax.Array  # [B] int32, d_k of the last round when all drafts were accepted (the draft has not seen it)
+    pend: jax.Array  # [B] bool, pend_tok is pending
+    tcache: object  # target KV cache (positions < pos)
+    dcache: object  # draft KV cache (positions < pos, less d_k when pending)
+    out: jax.Array  # [B, max_new + k + 1] int32 emitted tokens, -1 padded
+    count: jax.Array  # [B] int32 tokens emitted
+    done: jax.Array  # [B] bool
+    stopped: jax.Array  # [B] bool, finished by a stop token / sequence
+    n_acc: jax.Array  # [B] int32 accepted drafts (all rounds)
+    rounds: jax.Array  # [B] int32 rounds in which the row was live
 
 
 def _run(target, draft, tparams, dparams, ids_BT, lens_B, live_B, seeds_B, stop_packed, *, k, max_new, max_len,
@@ -55,21 +71,24 @@ def _run(target, draft, tparams, dparams, ids_BT, lens_B, live_B, seeds_B, stop_
     n_acc / rounds [B] (accepted drafts, rounds per row), count [B] (tokens emitted, before the host trims to
     max_new), and the final target / draft caches."""
     B = ids_BT.shape[0]
-    tstep, dstep = G._step_fn(target, tparams), G._step_fn(draft, dparams)
-    tlogits0, tcache0 = G.prefill_cache(tstep, target.cfg, ids_BT, lens_B, max_len=max_len, spare=k)
-    _, dcache0 = G.prefill_cache(dstep, draft.cfg, ids_BT, lens_B, max_len=max_len, spare=k)
-    keys = lambda r, j: S.row_keys(seeds_B, r * (k + 2) + j)  # noqa: E731  independent streams per round and use
-    first = S.sample(tlogits0, sampling, None if sampling.greedy else keys(0, k + 1))
+    target, tparams = generation.decoding_layout(target, tparams)
+    draft, dparams = generation.decoding_layout(draft, dparams)
+    tstep, dstep = generation.step_fn(target, tparams), generation.step_fn(draft, dparams)
+    tlogits0, tcache0 = generation.prefill_cache(tstep, target.cfg, ids_BT, lens_B, max_len=max_len, spare=k)
+    _, dcache0 = generation.prefill_cache(dstep, draft.cfg, ids_BT, lens_B, max_len=max_len, spare=k)
+    keys = lambda r, j: sampling_lib.row_keys(seeds_B, r * (k + 2) + j)  # noqa: E731  independent streams per round
+    first = sampling_lib.sample(tlogits0, sampling, None if sampling.greedy else keys(0, k + 1))
     N = max_new + k + 1  # a round may overshoot max_new by up to k tokens; trimmed on the host
     out = jnp.full((B, N), -1, jnp.int32).at[:, 0].set(jnp.where(live_B, first, -1))
     count = live_B.astype(jnp.int32)
     stopped = live_B & stop_lib.ends_with_stop(out, count, stop_packed)
     done = ~live_B | stopped | (count >= max_new)
     zero = jnp.zeros(B, jnp.int32)
-    state = (jnp.zeros((), jnp.int32), first, lens_B.astype(jnp.int32), zero, jnp.zeros(B, bool), tcache0,
-             dcache0, out, count, done, stopped, zero, zero)
+    state = SpecState(r=jnp.zeros((), jnp.int32), cur=first, pos=lens_B.astype(jnp.int32), pend_tok=zero,
+                      pend=jnp.zeros(B, bool), tcache=tcache0, dcache=dcache0, out=out, count=count, done=done,
+                      stopped=stopped, n_acc=zero, rounds=zero)
 
-    def body(s):
+    def body(s: SpecState) -> SpecState:
         r, cur, pos, pend_tok, pend, tcache, dcache, out, count, done, stopped, n_acc_tot, rounds = s
         live = ~done
         dpos = lambda p: jnp.where(live, p, -1)  # noqa: E731  finished rows write nothing
@@ -113,13 +132,15 @@ def _run(target, draft, tparams, dparams, ids_BT, lens_B, live_B, seeds_B, stop_
         # next round); the draft holds the same except d_k when it is pending. Drop the rest (rejected drafts).
         tcache = tcache.truncate(new_pos)
         dcache = dcache.truncate(new_pos - new_pend.astype(jnp.int32))
-        return (r + 1, jnp.where(live, last, cur), new_pos,
-                jnp.where(live, drafts[:, -1], pend_tok), new_pend, tcache, dcache, out,
-                new_count, done | hit_any | (new_count >= max_new), stopped | hit_any,
-                n_acc_tot + jnp.where(live, n_acc, 0), rounds + live.astype(jnp.int32))
+        return SpecState(r=r + 1, cur=jnp.where(live, last, cur), pos=new_pos,
+                         pend_tok=jnp.where(live, drafts[:, -1], pend_tok), pend=new_pend, tcache=tcache,
+                         dcache=dcache, out=out, count=new_count, done=done | hit_any | (new_count >= max_new),
+                         stopped=stopped | hit_any, n_acc=n_acc_tot + jnp.where(live, n_acc, 0),
+                         rounds=rounds + live.astype(jnp.int32))
 
-    s = jax.lax.while_loop(lambda s: ~jnp.all(s[9]), body, state)
-    return dict(out=s[7], stopped=s[10], n_acc=s[11], rounds=s[12], count=s[8], tcache=s[5], dcache=s[6])
+    s = jax.lax.while_loop(lambda s: ~jnp.all(s.done), body, state)
+    return dict(out=s.out, stopped=s.stopped, n_acc=s.n_acc, rounds=s.rounds, count=s.count, tcache=s.tcache,
+                dcache=s.dcache)
 
 
 def _write(out, new, count, live):
@@ -128,26 +149,14 @@ def _write(out, new, count, live):
     return jnp.where(live[:, None], upd, out)
 
 
-_JITTED: dict = {}
-
-
-def _compiled(target, draft):
-    """`_run` jitted once per (target, draft) pair of model objects."""
-    key = (id(target), id(draft))
-    if key not in _JITTED or _JITTED[key][0][0] is not target or _JITTED[key][0][1] is not draft:
-        _JITTED[key] = ((target, draft), jax.jit(functools.partial(_run, target, draft),
-                                                 static_argnames=("k", "max_new", "max_len", "sampling")))
-    return _JITTED[key][1]
-
-
 def _max_len(prompt_T, max_new, k, limit):
     # a round started with fewer than max_new tokens emitted writes up to k positions past the last kept one
     return min(prompt_T + max_new + k + 1, limit)
 
 
 def speculative_generate(target, tparams, draft, dparams, prompts, *, max_new_tokens: int, k: int = 4,
-                         sampling: S.Sampling = S.GREEDY, seed=0, stop=None, eos_id=None, lengths=None,
-                         bucket: bool = True) -> SpeculativeResult:
+                         sampling: sampling_lib.Sampling = sampling_lib.GREEDY, seed=0, stop=None, eos_id=None,
+                         lengths=None, bucket: bool = True) -> SpeculativeResult:
     """Generate with `target`, drafting k tokens per round with `draft` (decoder-only models, same vocabulary)."""
     for m, name in ((target, "target"), (draft, "draft")):
         if m.cfg.kind != "decoder":
@@ -163,19 +172,20 @@ def speculative_generate(target, tparams, draft, dparams, prompts, *, max_new_to
         raise ValueError(f"k={k}: the draft must propose at least one token per round")
     check_options(target.cfg, max_new_tokens=max_new_tokens, eos_id=eos_id, stop=stop, k=k)
     limit = min([m.cfg.max_seq_len for m in (target, draft) if m.cfg.position == "learned"] + [1 << 62])
-    d = G._prepare(target, prompts, lengths, max_new_tokens, None, seed, bucket)
-    longest = int(d["lens"].max())
+    d = generation.prepare(target, prompts, lengths, max_new_tokens, None, seed, bucket)
+    longest = int(d.lens.max())
     if longest + max_new_tokens + k + 1 > limit:
         raise ValueError(f"speculative decoding: prompt ({longest}) + max_new_tokens ({max_new_tokens}) + k + 1 = "
                          f"{longest + max_new_tokens + k + 1} exceeds the learned position table ({limit})")
-    max_len = _max_len(d["ids"].shape[1], max_new_tokens, k, limit)
-    stop_items, packed = G._stop_arg(stop, eos_id)
-    res = _compiled(target, draft)(tparams, dparams, d["ids"], d["lens"], d["live"], d["seeds"], packed, k=k,
-                                   max_new=max_new_tokens, max_len=max_len, sampling=sampling)
+    max_len = _max_len(d.ids.shape[1], max_new_tokens, k, limit)
+    stop_items, packed = generation.stop_arg(stop, eos_id)
+    run = generation.compiled(_run, target, draft, static_argnames=("k", "max_new", "max_len", "sampling"))
+    res = run(tparams, dparams, d.ids, d.lens, d.live, d.seeds, packed, k=k, max_new=max_new_tokens, max_len=max_len,
+              sampling=sampling)
     out, stopped, n_acc, rounds = res["out"], res["stopped"], res["n_acc"], res["rounds"]
     out = np.asarray(out)[:, :max_new_tokens]
-    gen = G._finish(out, None, stopped, d["n"], stop_items)
-    n_acc, rounds = np.asarray(n_acc)[: d["n"]].sum(), np.asarray(rounds)[: d["n"]].sum()
+    gen = generation.finish(out, None, stopped, d.n, stop_items)
+    n_acc, rounds = np.asarray(n_acc)[: d.n].sum(), np.asarray(rounds)[: d.n].sum()
     emitted = sum(len(t) for t in gen.tokens)
     return SpeculativeResult(gen.tokens, gen.finish_reasons, None, acceptance_rate=float(n_acc / max(rounds * k, 1)),
                              tokens_per_round=float(emitted / max(rounds, 1)), rounds=int(rounds))

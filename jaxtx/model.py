@@ -17,7 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxtx.cache import KVCache, cache_context, with_layers
+from jaxtx import quant
+from jaxtx.cache import AttentionContext, Cache
 from jaxtx.config import ModelConfig
 from jaxtx.layers.block import make_layers, run_layers
 from jaxtx.layers.common import Dense, Norm, activation, constrain, dropout, dtype_of, param
@@ -46,11 +47,11 @@ class Embed(nn.Module):
         self.embedding = param(self, "embedding", (self.num, dim), self.axes, self.cfg)
 
     def __call__(self, ids):
-        return jnp.take(self.embedding, ids, axis=0).astype(dtype_of(self.cfg.dtype))
+        return quant.take(self.embedding, ids, dtype_of(self.cfg.dtype))
 
     def attend(self, x_BTD):
         dt = dtype_of(self.cfg.dtype)
-        return jnp.einsum("BTD,VD->BTV", x_BTD.astype(dt), self.embedding.astype(dt))
+        return quant.einsum("BTD,VD->BTV", x_BTD, self.embedding, dt)
 
 
 class LMHead(nn.Module):
@@ -60,16 +61,21 @@ class LMHead(nn.Module):
     def __call__(self, x_BTD):
         dt = dtype_of(self.cfg.dtype)
         w = param(self, "kernel", (self.cfg.d_model, self.cfg.vocab_size), ("embed", "vocab"), self.cfg)
-        return jnp.einsum("BTD,DV->BTV", x_BTD.astype(dt), w.astype(dt))
+        return quant.einsum("BTD,DV->BTV", x_BTD, w, dt)
 
 
-def _position_ctx(cfg: ModelConfig, positions_BT) -> dict:
-    ctx = {}
-    if cfg.position == "rope":
-        ctx["rope"] = rope_cos_sin(cfg, positions_BT)
-    elif cfg.position == "alibi":
-        ctx["alibi"] = jnp.asarray(alibi_slopes(cfg.n_heads))
-    return ctx
+def _context(cfg: ModelConfig, positions_BT, **kw) -> AttentionContext:
+    """The attention context of one forward pass: positions and what the position scheme derives from them."""
+    rope = rope_cos_sin(cfg, positions_BT) if cfg.position == "rope" else None
+    alibi = jnp.asarray(alibi_slopes(cfg.n_heads)) if cfg.position == "alibi" else None
+    return AttentionContext(positions=positions_BT, rope=rope, alibi=alibi, **kw)
+
+
+def _padding_mask_kw(attention_mask, B, T) -> dict:
+    """Key padding for a bidirectional stack: every query is in segment 1, keys in segment 1 (token) or 0 (padding)."""
+    if attention_mask is None:
+        return {}
+    return dict(segment_ids=jnp.ones((B, T), jnp.int32), kv_segment_ids=attention_mask.astype(jnp.int32))
 
 
 def _add_absolute_positions(cfg, x_BTD, positions_BT, pos_embed):
@@ -120,7 +126,7 @@ class DecoderLM(nn.Module):
         if not cfg.tie_embeddings:
             self.lm_head = LMHead(cfg)
 
-    def __call__(self, input_ids, positions=None, segment_ids=None, cache: Optional[KVCache] = None,
+    def __call__(self, input_ids, positions=None, segment_ids=None, cache: Optional[Cache] = None,
                  deterministic: bool = True, logits_at=None):
         """input_ids [B, T] -> logits [B, T, V] float32; with a cache -> (logits, updated cache).
 
@@ -132,7 +138,7 @@ class DecoderLM(nn.Module):
         B, T = input_ids.shape
         if positions is None:
             if cache is not None:
-                positions = cache.lengths[:, None] + jnp.arange(T)[None, :]
+                positions = cache.default_positions(T)
             elif segment_ids is not None:
                 positions = segment_positions(segment_ids)
             else:
@@ -141,22 +147,15 @@ class DecoderLM(nn.Module):
         x = self.perturb("embedded", x)  # zero unless a "perturbations" collection is passed: d(out)/d(embedding)
         x = dropout(cfg.dropout, x, deterministic, self)
         x = constrain(x, ("batch", "length", "embed"))
-        ctx = _position_ctx(cfg, positions)
-        layer_caches = None
+        ctx = _context(cfg, positions, segment_ids=segment_ids if cache is None else None)
         if cache is not None:
-            cctx, kv_pos, lengths = cache_context(cfg, cache, positions)
-            ctx.update(cctx)
-            layer_caches = cache.layer_arrays()
-        elif segment_ids is not None:
-            ctx["segment_ids"] = segment_ids
-        x, layer_caches = run_layers(self.layers, x, layer_caches, ctx, deterministic)
+            cache = cache.begin(cfg, positions)
+        x, cache = run_layers(self.layers, x, cache, ctx, deterministic)
         x = _select(x, logits_at)
         if cfg.final_norm:
             x = self.final_norm(x)
         logits = _logits(cfg, x, self.embed, getattr(self, "lm_head", None))
-        if cache is None:
-            return logits
-        return logits, with_layers(cache, layer_caches, kv_pos, lengths)
+        return logits if cache is None else (logits, cache.end())
 
 
 class EncoderModel(nn.Module):
@@ -195,10 +194,7 @@ class EncoderModel(nn.Module):
             x = self.embed_norm(x)
         x = self.perturb("embedded", x)
         x = dropout(cfg.dropout, x, deterministic, self)
-        ctx = _position_ctx(cfg, positions)
-        if attention_mask is not None:
-            ctx["segment_ids"] = jnp.ones((B, T), jnp.int32)
-            ctx["kv_segment_ids"] = attention_mask.astype(jnp.int32)
+        ctx = _context(cfg, positions, **_padding_mask_kw(attention_mask, B, T))
         x, _ = run_layers(self.layers, x, None, ctx, deterministic)
         return self.final_norm(x) if cfg.final_norm else x
 
@@ -262,15 +258,16 @@ class Stack(nn.Module):
                       max_distance=cfg.t5_max_distance)
         return jnp.transpose(jnp.take(self.rel_bias.embedding, b, axis=0), (0, 3, 1, 2)).astype(jnp.float32)
 
-    def __call__(self, x_BTD, ctx, caches, deterministic):
+    def __call__(self, x_BTD, ctx: AttentionContext, cache, deterministic):
+        """cache: None, or a cache between begin() and end() (its keys' positions set the T5 bias)."""
         cfg = self.cfg
         if cfg.position == "t5":
-            kv_pos = ctx.get("kv_pos_concat", ctx.get("kv_pos_new", ctx["positions"]))
-            ctx = dict(ctx, bias=self.t5_bias(ctx["positions"], kv_pos))
+            kv_pos = ctx.positions if cache is None else cache.kv_positions
+            ctx = ctx.replace(bias=self.t5_bias(ctx.positions, kv_pos))
         x_BTD = dropout(cfg.dropout, x_BTD, deterministic, self)
-        x_BTD, caches = run_layers(self.layers, x_BTD, caches, ctx, deterministic)
+        x_BTD, cache = run_layers(self.layers, x_BTD, cache, ctx, deterministic)
         x_BTD = dropout(cfg.dropout, self.final_norm(x_BTD), deterministic, self)
-        return x_BTD, caches
+        return x_BTD, cache
 
 
 class EncoderDecoderModel(nn.Module):
@@ -296,33 +293,26 @@ class EncoderDecoderModel(nn.Module):
         _check_ids(input_ids)
         B, S = input_ids.shape
         positions = jnp.broadcast_to(jnp.arange(S)[None, :], (B, S))
-        ctx = {"positions": positions, **_position_ctx(self.cfg, positions)}
-        if attention_mask is not None:
-            ctx["segment_ids"] = jnp.ones((B, S), jnp.int32)
-            ctx["kv_segment_ids"] = attention_mask.astype(jnp.int32)
+        ctx = _context(self.cfg, positions, **_padding_mask_kw(attention_mask, B, S))
         return self.encoder(self._embed(input_ids, positions), ctx, None, deterministic)[0]
 
     def decode(self, decoder_input_ids, encoded, attention_mask=None, positions=None,
-               cache: Optional[KVCache] = None, deterministic: bool = True, logits_at=None):
+               cache: Optional[Cache] = None, deterministic: bool = True, logits_at=None):
         """decoder_input_ids [B, T], encoded [B, S, D] -> logits [B, T, V] (with a cache: (logits, cache)).
         logits_at [B, N]: logits only at these indices (as DecoderLM)."""
         cfg = self.cfg
         _check_ids(decoder_input_ids, "decoder_input_ids")
         B, T = decoder_input_ids.shape
         if positions is None:
-            start = cache.lengths[:, None] if cache is not None else 0
-            positions = start + jnp.broadcast_to(jnp.arange(T)[None, :], (B, T))
+            positions = cache.default_positions(T) if cache is not None else \
+                jnp.broadcast_to(jnp.arange(T)[None, :], (B, T))
         enc_mask = jnp.ones(encoded.shape[:2], jnp.int32) if attention_mask is None else attention_mask
-        ctx = {"positions": positions, "enc": encoded, "enc_mask": enc_mask.astype(jnp.int32),
-               **_position_ctx(cfg, positions)}
-        caches = None
+        ctx = _context(cfg, positions, encoded=encoded, encoded_mask=enc_mask.astype(jnp.int32))
         if cache is not None:
-            cctx, kv_pos, lengths = cache_context(cfg, cache, positions)
-            ctx.update(cctx)
-            caches = cache.layer_arrays()
-        x, caches = self.decoder(self._embed(decoder_input_ids, positions), ctx, caches, deterministic)
+            cache = cache.begin(cfg, positions, encoded_len=encoded.shape[1])
+        x, cache = self.decoder(self._embed(decoder_input_ids, positions), ctx, cache, deterministic)
         logits = _logits(cfg, _select(x, logits_at), self.embed, getattr(self, "lm_head", None))
-        return logits if cache is None else (logits, with_layers(cache, caches, kv_pos, lengths))
+        return logits if cache is None else (logits, cache.end())
 
     def __call__(self, input_ids, decoder_input_ids=None, attention_mask=None, deterministic: bool = True):
         if decoder_input_ids is None:

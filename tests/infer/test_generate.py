@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from jaxtx.infer import Sampling, generate, stream
-from jaxtx.infer import generation as G
+from jaxtx.infer import generation
 from jaxtx.infer.prompts import PromptError
 
 from infer_models import full_forward, naive_greedy, small_model
@@ -18,12 +18,12 @@ def test_prefill_then_decode_matches_full_forward(family):
     model, params = small_model(family)
     seqs = np.random.default_rng(1).integers(0, 97, (2, 14)).astype(np.int32)
     plens = np.array([3, 6], np.int32)
-    step = G._step_fn(model, params)
+    step = generation.step_fn(model, params)
     ids = np.zeros((2, 8), np.int32)
     for b in range(2):
         ids[b, : plens[b]] = seqs[b, : plens[b]]
-    st = jax.jit(lambda i, l: G.prefill(step, model.cfg, i, l, jnp.ones(2, bool), max_new=12, max_len=20,
-                                        sampling=Sampling(), want_logprobs=False))(ids, plens)
+    st = jax.jit(lambda i, l: generation.prefill(step, model.cfg, i, l, jnp.ones(2, bool), max_new=12, max_len=20,
+                                                 sampling=Sampling(), want_logprobs=False))(ids, plens)
     got = [[np.asarray(st.logits[b])] for b in range(2)]
     cache, pos = st.cache, plens.copy()
     step_j = jax.jit(step)
@@ -66,7 +66,7 @@ def test_sampling_with_per_row_seeds_is_batch_independent():
 def test_same_bucket_does_not_recompile():
     model, params = small_model("llama")
     generate(model, params, [[1, 2, 3], [4, 5]], max_new_tokens=5)
-    fn = G._compiled(model)
+    fn = generation.generate_program(model)
     n = fn._cache_size()
     generate(model, params, [[7, 8, 9, 10, 11, 12], [13]], max_new_tokens=5)  # other lengths, same (2, 16) bucket
     generate(model, params, [[7, 8, 9], [13], [1]], max_new_tokens=5)  # 3 rows -> batch bucket 4: a new shape
@@ -148,8 +148,36 @@ def test_padded_array_prompts_with_lengths():
 
 def test_for_decoding_layout_gives_the_same_tokens():
     model, params = small_model("llama")
-    fast_model, fast_params = G.for_decoding(model, params)
+    fast_model, fast_params = generation.for_decoding(model, params)
     assert not fast_model.cfg.scan_layers and "layers_1" in fast_params
     prompts = [[5, 17, 3], [9, 1, 2, 60, 33, 7, 8]]
     assert generate(fast_model, fast_params, prompts, max_new_tokens=8).tokens == \
         generate(model, params, prompts, max_new_tokens=8).tokens
+
+
+def test_decode_programs_unroll_a_scanned_stack_themselves():
+    """generate on a scanned model runs the unrolled layout inside its program (no weight copy per step), built once
+    per config; the program itself is cached per model object (one jit cache for generate, stream, beam, spec)."""
+    model, params = small_model("llama")
+    assert model.cfg.scan_layers
+    m1, p1 = generation.decoding_layout(model, params)
+    m2, _ = generation.decoding_layout(model, params)
+    assert m1 is m2 and not m1.cfg.scan_layers and "layers_1" in p1
+    assert generation.decoding_layout(m1, p1)[0] is m1  # already unrolled: unchanged
+    assert generation.generate_program(model) is generation.generate_program(model)
+    traced = jax.make_jaxpr(lambda p: generation.step_fn(*generation.decoding_layout(model, p))(
+        jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32), generation.KVCache.init(m1.cfg, 1, 4)))(params)
+    assert "scan" not in str(traced)  # the decode step has no layer loop left
+
+
+def test_cache_takes_the_models_dtype_and_is_asked_whether_it_is_full():
+    model, params = small_model("llama", ("dtype=bfloat16",))
+    step = generation.step_fn(model, params)
+    _, cache = generation.prefill_cache(step, model.cfg, jnp.ones((1, 4), jnp.int32), jnp.array([4]), max_len=6)
+    assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves((cache.k, cache.v)))
+    np.testing.assert_array_equal(cache.is_full(jnp.array([5])), [False])
+    np.testing.assert_array_equal(cache.is_full(jnp.array([6])), [True])
+    wmodel, wparams = small_model("window")
+    _, ring = generation.prefill_cache(generation.step_fn(wmodel, wparams), wmodel.cfg, jnp.ones((1, 4), jnp.int32),
+                                       jnp.array([4]), max_len=64)
+    assert ring.ring and ring.slots == 4 and not bool(ring.is_full(jnp.array([1000]))[0])

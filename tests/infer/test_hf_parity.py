@@ -53,7 +53,7 @@ def test_t5_cached_decode_matches_hf_logits():
     model, params, exp = _load("t5")
     ids, mask, dec = exp["input_ids"], exp["attention_mask"], exp["decoder_input_ids"]
     enc = model.apply({"params": params}, ids, mask, method="encode")
-    step = jax.jit(G._step_fn(model, params, enc, jnp.asarray(mask)))
+    step = jax.jit(G.step_fn(model, params, enc, jnp.asarray(mask)))
     st = G.prefill(step, model.cfg, jnp.asarray(dec[:, :1]), jnp.ones(2, jnp.int32), jnp.ones(2, bool), max_new=1,
                    max_len=dec.shape[1], sampling=GREEDY, want_logprobs=False)
     got, cache = [np.asarray(st.logits)], st.cache

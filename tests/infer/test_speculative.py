@@ -10,8 +10,7 @@ import pytest
 from scipy import stats
 
 from jaxtx.infer import GREEDY, Sampling, for_decoding, generate
-from jaxtx.infer import generation as G
-from jaxtx.infer import speculative as SP
+from jaxtx.infer import generation, speculative
 from jaxtx.infer.speculative import speculative_generate
 
 from infer_models import full_forward, markov, naive_greedy, small_model
@@ -137,10 +136,11 @@ def test_window_sampled_tokens_are_in_the_targets_top_k():
 
 def _raw_run(target, tp, draft, dp, prompts, n, k, sampling=GREEDY):
     """speculative_generate's device program, returning its final state (the caches included)."""
-    d = G._prepare(target, prompts, None, n, None, 0, True)
-    _, packed = G._stop_arg(None, None)
-    res = SP._compiled(target, draft)(tp, dp, d["ids"], d["lens"], d["live"], d["seeds"], packed, k=k, max_new=n,
-                                      max_len=SP._max_len(d["ids"].shape[1], n, k, 1 << 62), sampling=sampling)
+    d = generation.prepare(target, prompts, None, n, None, 0, True)
+    _, packed = generation.stop_arg(None, None)
+    run = generation.compiled(speculative._run, target, draft, static_argnames=("k", "max_new", "max_len", "sampling"))
+    res = run(tp, dp, d.ids, d.lens, d.live, d.seeds, packed, k=k, max_new=n,
+              max_len=speculative._max_len(d.ids.shape[1], n, k, 1 << 62), sampling=sampling)
     return d, jax.tree.map(np.asarray, res)
 
 
@@ -156,13 +156,13 @@ def test_caches_are_honest_after_speculative_generation(window):
     k, n = 4, 30
     d, res = _raw_run(target, tp, draft, dp, WINDOW_PROMPTS, n, k)
     assert 0 < res["n_acc"].sum() < res["rounds"].sum() * k
-    want = np.where(d["live"], d["lens"] + res["count"] - 1, 0)
+    want = np.where(d.live, d.lens + res["count"] - 1, 0)
     np.testing.assert_array_equal(res["tcache"].lengths, want)
     gap = want - res["dcache"].lengths
     assert set(gap.tolist()) <= {0, 1}
     for c in (res["tcache"], res["dcache"]):
         S = c.pos.shape[1]
-        assert S == (8 + k if window else d["ids"].shape[1] + n + k + 1)
+        assert S == (8 + k if window else d.ids.shape[1] + n + k + 1)
         for b in range(len(want)):
             held = c.pos[b][c.pos[b] >= 0]
             assert (held < c.lengths[b]).all(), (b, held, c.lengths[b])
