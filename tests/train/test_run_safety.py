@@ -207,3 +207,10 @@ def test_ckpt_every_0_still_saves_on_sigterm(tmp_path):
     assert p.returncode == 0 and "interrupted by SIGTERM" in stdout, stdout[-2000:]
     steps = rd.checkpoint_steps(out)
     assert len(steps) == 1 and steps[0] >= 3
+
+
+def test_the_run_records_its_prompt_layout_for_generate(finished):
+    from jaxtx.infer.loading import load_run
+    assert rd.read_prompt_layout(finished) == rd.PromptLayout()  # causal: nothing before the user's text
+    loaded = load_run(finished)
+    assert loaded.prompt_layout == rd.PromptLayout() and loaded.note is None and loaded.step == 4
