@@ -131,4 +131,6 @@ class EngineLoop:
                 last_stats = now
             if not busy:
                 self._wake.wait(self.idle_poll_s)
+            else:
+                time.sleep(0)  # release the GIL between steps: the event loop streams this step's tokens meanwhile
         self._refresh_stats()
