@@ -103,3 +103,15 @@ def test_write_ahead_then_truncate_equals_full_forward(scan, window):
         pos = np.asarray(cache.pos)[0]
         assert int(cache.lengths[0]) == t and pos.max() == t - 1
         assert set(range(max(0, t - (window or t)), t)) <= set(pos.tolist())  # the window is all there
+
+
+def test_the_cache_owns_dtype_ring_and_fullness():
+    cfg, _, _ = small(dtype="bfloat16")
+    c = KVCache.init(cfg, 2, 6)
+    assert c.k.dtype == jnp.bfloat16 and c.dtype == "bfloat16" and not c.ring  # the model's dtype by default
+    assert KVCache.init(cfg, 2, 6, dtype=jnp.float32).k.dtype == jnp.float32
+    np.testing.assert_array_equal(c.is_full(jnp.array([5, 6])), [False, True])
+    ring = KVCache.init(small(window=4)[0], 2, 100)
+    assert ring.ring and not ring.is_full(jnp.array([10 ** 6, 0])).any()  # a ring buffer never fills
+    with pytest.raises(ValueError, match="dtype=int8 must be a float dtype"):
+        KVCache.init(cfg, 1, 4, dtype=jnp.int8)
