@@ -117,3 +117,12 @@ def test_hf_fixture_greedy_through_the_engine(name):
     eng = Engine(model, params, config(page_size=8, num_pages=32, decode_steps=1))
     assert eng.generate(rows, max_new_tokens=exp["greedy_ids"].shape[1]).tokens == exp["greedy_ids"].tolist()
     assert_pool_free(eng)
+
+
+def test_int8_pages_match_the_int8_static_cache():
+    model, params = for_decoding(*small_model("llama"))
+    eng = Engine(model, params, config(quantize_kv=True, decode_steps=1))
+    ps = prompts(np.random.default_rng(5), 6)
+    ref = generate(model, params, ps, max_new_tokens=10, quantize_kv=True).tokens
+    assert eng.generate(ps, max_new_tokens=10).tokens == ref
+    assert_pool_free(eng)
