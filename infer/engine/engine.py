@@ -46,6 +46,7 @@ class Event:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     stop_len: int = 0  # trailing output tokens that form the matched stop sequence (finish_reason "stop")
+    error: Optional[str] = None  # why a request was ended by the engine (finish_reason "abort"), e.g. a bad bitmask
 
 
 _JITTED: dict = {}
@@ -74,6 +75,8 @@ class Engine:
         """model, params: a decoder-only jaxtx model (any layout; unrolled decodes faster, see for_decoding).
         cache: a pre-built paged cache (default: PagedKVCache.init(model.cfg, num_pages, page_size)).
         warmup: compile every bucket now (else call `warmup()` before serving; nothing compiles afterwards)."""
+        if not isinstance(config, EngineConfig):
+            raise ValueError(f"Engine: config={config!r}; expected an EngineConfig")
         mcfg = model.cfg
         if mcfg.kind != "decoder":
             raise ValueError(f"Engine: model kind {mcfg.kind!r} is not served by the engine (decoder-only models; "
@@ -230,8 +233,21 @@ class Engine:
         for s in out.seqs:
             if not s.req.row_set:
                 self._set_row(s.req)
+        masks = {}
+        for sq in list(out.seqs):  # user callables run before the step; one that fails ends only its request
+            if sq.sample and sq.req.allowed_tokens is not None:
+                try:
+                    masks[sq.req.id] = self._allowed(sq.req)
+                except Exception as e:  # noqa: BLE001 (any error of the callable)
+                    out.seqs.remove(sq)
+                    self.sched.running.remove(sq.req)
+                    self.sched.release(sq.req)
+                    ev = self._finish(sq.req, "abort", 0, [])
+                    events.append(dataclasses.replace(ev, error=f"allowed_tokens failed: {e}"))
+        if not out.seqs:
+            return events
         need_prompt_lp = any(s.req.prompt_logprobs and not s.req.prompt_lp_sent for s in out.seqs)
-        inp = self._inputs(out)
+        inp = self._inputs(out, masks)
         o = self._run_single(inp, need_prompt_lp)
         tokens, lp = np.asarray(o.tokens), np.asarray(o.logprob)
         top_ids, top_lp = np.asarray(o.top_ids), np.asarray(o.top_logprobs)
@@ -303,7 +319,7 @@ class Engine:
             sample=np.zeros(R, bool), slots=np.arange(R, dtype=np.int32), params=sb.RowParams.host(R),
             allowed=np.full((R, sb.words(self.vocab_size)), -1, np.int32), targets=np.zeros(N, np.int32))
 
-    def _inputs(self, out: ScheduleOutput) -> step_lib.StepInputs:
+    def _inputs(self, out: ScheduleOutput, masks=None) -> step_lib.StepInputs:
         ps = self.config.page_size
         inp = self._empty_inputs(self.config.bucket(out.num_tokens))
         off = 0
@@ -326,8 +342,8 @@ class Engine:
             if req.prompt_logprobs:
                 nxt = toks[start + 1:start + n + 1]
                 inp.targets[off:off + len(nxt)] = nxt
-            if s.sample and req.allowed_tokens is not None:
-                inp.allowed[r] = self._allowed(req)
+            if masks and req.id in masks:
+                inp.allowed[r] = masks[req.id]
             off += n
         inp.cu_q_lens[len(out.seqs) + 1:] = off
         return inp._replace(num_seqs=np.int32(len(out.seqs)))
@@ -370,7 +386,8 @@ class Engine:
         if need > s.alloc.num_free:
             return None
         for r, m in zip(reqs, rem):
-            assert s._grow(r, r.num_computed + m)
+            if not s._grow(r, r.num_computed + m):  # cannot happen: `need` pages were free
+                raise RuntimeError(f"engine: request {r.id} could not get the pages counted free for the decode loop")
             if not r.row_set:
                 self._set_row(r)
         out = ScheduleOutput([Scheduled(r, 1, True) for r in reqs], [])

@@ -130,7 +130,8 @@ class Scheduler:
         self.running.remove(req)
         self.release(req)
         req.num_computed = 0
-        req.prompt_lp, req.prompt_lp_sent = ([], False) if not req.prompt_lp_sent else (req.prompt_lp, True)
+        if not req.prompt_lp_sent:  # recomputed from the start: its prompt log-probs are gathered again
+            req.prompt_lp = []
         self.waiting.appendleft(req)
 
     def _hashes(self, req: Request) -> list:

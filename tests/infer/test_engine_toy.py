@@ -305,3 +305,17 @@ def test_add_request_errors():
     while eng.has_work():
         eng.step()
     assert_pool_free(eng)
+
+
+def test_a_failing_allowed_tokens_callable_ends_only_its_request():
+    eng = engine()
+    m, p = eng.model, eng.params
+    good = eng.add_request([1, 2, 3], max_new_tokens=5)
+    bad = eng.add_request([4, 5, 6], max_new_tokens=5, allowed_tokens=lambda gen: np.zeros(7, np.int32))
+    evs = []
+    while eng.has_work():
+        evs += eng.step()
+    end = [e for e in evs if e.request_id == bad]
+    assert len(end) == 1 and end[0].finish_reason == "abort" and "shape (7,); expected (2,)" in end[0].error
+    assert sum((e.token_ids for e in evs if e.request_id == good), []) == naive_greedy(m, p, [1, 2, 3], 5)
+    assert_pool_free(eng)
