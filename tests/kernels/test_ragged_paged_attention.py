@@ -236,3 +236,16 @@ def test_block_sizes_validate():
 
     with pytest.raises(ValueError, match="q_tokens=12"):
         RaggedBlockSizes(q_tokens=12)
+
+
+def test_xla_path_memory_at_engine_sizes():
+    """N=512 tokens, R=64 sequences, 2048-token page tables: the compiled XLA path's scratch stays a few MB. A per-token
+    K/V gather would need 1 GiB, a per-sequence one [R, K, S, Hd] 128 MiB (compile only, nothing runs)."""
+    N, R, npp, ps, K, H, Hd = 512, 64, 128, 16, 4, 12, 64
+    sds = jax.ShapeDtypeStruct
+    pages = sds((K, R * npp, ps, Hd), jnp.float32)
+    meta = dict(kv_lens=sds((R,), jnp.int32), page_table=sds((R, npp), jnp.int32), cu_q_lens=sds((R + 1,), jnp.int32),
+                num_seqs=sds((), jnp.int32))
+    f = jax.jit(lambda q, k, v, **kw: ragged_paged_attention(q, k, v, **kw, backend="xla"))
+    mem = f.lower(sds((N, H, Hd), jnp.float32), pages, pages, **meta).compile().memory_analysis()
+    assert mem.temp_size_in_bytes < 16 << 20, mem.temp_size_in_bytes
