@@ -179,10 +179,11 @@ def train(run_cfg: RunConfig, log=print) -> dict:
     main_process = jax.process_index() == 0  # only process 0 logs and writes metrics; checkpoints are collective
     if not main_process:
         log = lambda *a, **k: None  # noqa: E731
-    init = _init_from(run_cfg.train.init_from) if run_cfg.train.init_from else None
-    if init is not None:  # a checkpoint of another model is refused before anything is written
-        rd.check_params_fit(*init, rd.abstract_params(run_cfg.model_config()), f"train.init_from={init[0].parent}")
     out = _RunDir(run_cfg, log, main_process)  # every check that protects existing files, before any write
+    init = None
+    if run_cfg.train.init_from and not rd.checkpoint_steps(out.path):  # a resumed run has its own params
+        init = _init_from(run_cfg.train.init_from)  # a typo or another model's checkpoint: refused before any write
+        rd.check_params_fit(*init, rd.abstract_params(run_cfg.model_config()), f"train.init_from={init[0].parent}")
     try:
         return _train(run_cfg, out, init, log, main_process)
     except BaseException:
@@ -219,6 +220,8 @@ def _train(run_cfg: RunConfig, out: _RunDir, init_from, log, main_process: bool)
         else:
             start, meta = 0, None
             init = None
+            if init_from is None and t.init_from:  # every checkpoint of this run was damaged and set aside
+                init_from = _init_from(t.init_from)
             if init_from is not None:
                 init = rd.restore_params(*init_from, abstract["params"], f"train.init_from={t.init_from}")
                 log(f"params from {init_from[0]}/{init_from[1]}")

@@ -157,11 +157,16 @@ def test_init_from_another_shape_names_the_param(finished, tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_init_from_reuses_the_init_runs_tokenizer(finished, tmp_path, capsys):
-    rc, text = _train(tmp_path / "new", f"train.init_from={finished}", "train.steps=2", "data.n_examples=500",
-                      capsys=capsys)
+def test_init_from_reuses_the_init_runs_tokenizer_and_is_not_needed_to_resume(finished, tmp_path, capsys):
+    init = tmp_path / "init"
+    shutil.copytree(finished, init)
+    args = [f"train.init_from={init}", "train.steps=2", "data.n_examples=500"]
+    rc, text = _train(tmp_path / "new", *args, capsys=capsys)
     assert rc == 0, text
     assert (tmp_path / "new" / "tokenizer.model").read_bytes() == (finished / "tokenizer.model").read_bytes()
+    shutil.rmtree(init)  # a resumed run has its own checkpoint: the folder it started from may be gone
+    rc, text = _train(tmp_path / "new", *args, "train.steps=3", capsys=capsys)
+    assert rc == 0 and "resuming from" in text, text
 
 
 def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(tmp_path, capsys):
