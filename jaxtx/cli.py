@@ -15,6 +15,7 @@ EPILOG = """examples:
   jaxtx train configs/tiny.yaml train.steps=100
   jaxtx generate --run runs/tiny --prompt "def main():"
   jaxtx convert --from-hf ./Llama-3-8B --to ./llama3-jaxtx
+  jaxtx quantize --hf ./Llama-3-8B --scheme int4 --to ./llama3-int4
   jaxtx bench attention
 """
 
@@ -64,6 +65,10 @@ def _register_core(sub) -> None:
     except ImportError as e:  # keep the rest of the CLI usable
         p.add_argument("_unavailable", nargs="*", help=f"unavailable: {e}")
     p.set_defaults(func=_cmd_convert)
+
+    from jaxtx import quant_cli
+
+    quant_cli.register(sub)
 
 
 def _register_plugins(sub, group: str) -> None:

@@ -5,6 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxtx import quant
 from jaxtx.config import ModelConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float64": jnp.float64}
@@ -18,7 +19,11 @@ def param(mod: nn.Module, name: str, shape, axes, cfg: ModelConfig, init=None):
     """Declare a parameter once with its shape, logical axes and initializer (normal(init_std) by default).
 
     The logical axes travel with the value (nn.Partitioned), so shardings derive from this one declaration.
+    A quantized weight (jaxtx.quant.QTensor) is returned as is: Flax's shape check would compare its packed values
+    with the declared shape; the consumer computes with it (quant.einsum / quant.materialize).
     """
+    if mod.has_variable("params", name) and quant.is_quantized(mod.get_variable("params", name)):
+        return mod.get_variable("params", name)
     init = nn.initializers.normal(cfg.init_std) if init is None else init
     return mod.param(name, nn.with_logical_partitioning(init, axes), tuple(shape), dtype_of(cfg.param_dtype))
 
@@ -46,7 +51,7 @@ class Dense(nn.Module):
     def __call__(self, x):
         dt = dtype_of(self.cfg.dtype)
         w = param(self, "kernel", self.shape, self.axes, self.cfg)
-        y = jnp.einsum(self.eq, x.astype(dt), w.astype(dt))
+        y = quant.einsum(self.eq, x, w, dt)  # a plain einsum unless the kernel is quantized
         if self.use_bias:
             b = param(self, "bias", self.shape[self.n_in:], self.axes[self.n_in:], self.cfg, nn.initializers.zeros)
             y = y + b.astype(dt)

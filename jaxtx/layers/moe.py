@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxtx import moe_parallel
+from jaxtx import moe_parallel, quant
 from jaxtx.config import ModelConfig, expert_capacity
 from jaxtx.layers.common import activation, constrain, dtype_of, param
 
@@ -93,8 +93,9 @@ class MoE(nn.Module):
         E, F, k = cfg.num_experts, cfg.d_ff, cfg.experts_per_token
         router = param(self, "router", (D, E), ("embed", "expert"), cfg)
         names = ["wi_gate", "wi_up"] if cfg.gated else ["wi"]
-        weights = {n: param(self, n, (E, D, F), ("expert", "embed", "mlp"), cfg).astype(dt) for n in names}
-        weights["wo"] = param(self, "wo", (E, F, D), ("expert", "mlp", "embed"), cfg).astype(dt)
+        # quantized experts are dequantized whole (ragged_dot and the EP all_to_all take plain arrays)
+        weights = {n: quant.materialize(param(self, n, (E, D, F), ("expert", "embed", "mlp"), cfg), dt) for n in names}
+        weights["wo"] = quant.materialize(param(self, "wo", (E, F, D), ("expert", "mlp", "embed"), cfg), dt)
 
         x = x_BTD.astype(dt)
         logits = jnp.einsum("BTD,DE->BTE", x.astype(jnp.float32), router.astype(jnp.float32))
