@@ -1,7 +1,7 @@
 """Paged attention: decode (and a few speculative query tokens) against a paged KV cache.
 
-`paged_attention` checks shapes, lays the queries out as [B, K, T*G, Hd] rows per kv head (GQA without repeating
-K/V), and runs the TPU (Mosaic), GPU (Triton) or XLA reference body. backend="auto": TPU -> "pallas_tpu",
+`paged_attention` checks shapes and runs the XLA reference (reference.py) or, for "pallas_tpu" / "pallas_gpu", the
+ragged kernels (B sequences of T tokens are a ragged step of B items). backend="auto": TPU -> "pallas_tpu",
 GPU -> "pallas_gpu", CPU -> "xla" (or "pallas_gpu" in interpret mode when interpret=True): `dispatch.kernel_backend`.
 `ragged_paged_attention` (ragged.py) is the serving engine's call: decode tokens and prefill chunks of many sequences
 on one flat token axis.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jaxtx.kernels.paged_attention.ragged import RAGGED_BACKENDS, ragged_paged_attention
+from jaxtx.kernels.paged_attention.ragged_common import RaggedBlockSizes
 from jaxtx.kernels.paged_attention.ragged_reference import ragged_paged_attention_xla
 from jaxtx.kernels.paged_attention.reference import paged_attention_reference
 
@@ -63,24 +64,24 @@ def paged_attention(q, k_pages, v_pages, lengths, page_indices, *, k_scales=None
     squeeze = q.ndim == 3
     q4 = q[:, None] if squeeze else q
     B, T, H, Hd = q4.shape
-    K, _, ps, _ = k_pages.shape
-    G = H // K
+    K, P, ps, _ = k_pages.shape
     scale = float(Hd ** -0.5 if softmax_scale is None else softmax_scale)
-    if k_scales is not None and k_scales.ndim == 2:  # per page -> per token (a [K, P, ps] f32 array, Hd x smaller)
-        k_scales = jnp.broadcast_to(k_scales[:, :, None], k_pages.shape[:3])
-        v_scales = jnp.broadcast_to(v_scales[:, :, None], k_pages.shape[:3])
-    # rows r = t * G + g of kv head k: [B, T, K, G, Hd] -> [B, K, T*G, Hd]
-    q_r = q4.reshape(B, T, K, G, Hd).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, Hd)
+    if k_scales is not None:
+        if k_scales.ndim == 2:  # per page -> per token (a [K, P, ps] f32 array, Hd x smaller)
+            k_scales = jnp.broadcast_to(k_scales[:, :, None], (K, P, ps))
+            v_scales = jnp.broadcast_to(v_scales[:, :, None], (K, P, ps))
+        k_scales, v_scales = k_scales.astype(jnp.float32), v_scales.astype(jnp.float32)
+    # B sequences of T query tokens each are a ragged step with cu_q_lens = 0, T, 2T, ...: the ragged kernels with one
+    # item (q_tokens >= T) per sequence
     if backend == "pallas_gpu":
-        from jaxtx.kernels.paged_attention.gpu import paged_attention_gpu_core as core
-        R = max(16, 1 << (T * G - 1).bit_length())
+        from jaxtx.kernels.paged_attention.ragged_gpu import ragged_paged_attention_gpu as kernel
     else:
-        from jaxtx.kernels.paged_attention.tpu import paged_attention_tpu_core as core
-        R = -(-T * G // 8) * 8
-    q_r = jnp.pad(q_r, ((0, 0), (0, 0), (0, R - T * G), (0, 0)))
-    o_r = core(q_r, k_pages, v_pages, k_scales, v_scales, lengths.astype(jnp.int32),
-               page_indices.astype(jnp.int32), T=T, G=G, scale=scale, window=window, interpret=interpret)
-    o = o_r[:, :, :T * G].reshape(B, K, T, G, Hd).transpose(0, 2, 1, 3, 4).reshape(B, T, H, Hd)
+        from jaxtx.kernels.paged_attention.ragged_tpu import ragged_paged_attention_tpu as kernel
+    o = kernel(q4.reshape(B * T, H, Hd), k_pages, v_pages, lengths.astype(jnp.int32),
+               jnp.clip(page_indices.astype(jnp.int32), 0, P - 1), jnp.arange(B + 1, dtype=jnp.int32) * T,
+               jnp.int32(B), k_scales=k_scales, v_scales=v_scales, window=window, scale=scale, interpret=interpret,
+               block_sizes=RaggedBlockSizes(q_tokens=1 << (T - 1).bit_length()))
+    o = o.reshape(B, T, H, Hd)
     return o[:, 0] if squeeze else o
 
 

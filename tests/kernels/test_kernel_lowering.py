@@ -102,7 +102,7 @@ def test_paged_attention_gpu_lowers_to_triton():
     f = lambda q, kp, vp, ln, pi, ks, vs: paged_attention(q, kp, vp, ln, pi, k_scales=ks, v_scales=vs,  # noqa
                                                           window=40, backend="pallas_gpu")
     txt = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert "jaxtx_paged_attention" in txt and "__gpu$xla.gpu.triton" in txt
+    assert "jaxtx_ragged_paged_attention" in txt and "__gpu$xla.gpu.triton" in txt  # paged runs the ragged kernel
 
 
 def test_paged_attention_tpu_aot_compile_v5e(no_persistent_cache):
@@ -127,7 +127,7 @@ def test_paged_attention_tpu_aot_compile_v5e(no_persistent_cache):
             jax.ShapeDtypeStruct((Kh, Pg, ps), jnp.float32, sharding=rep),
             jax.ShapeDtypeStruct((Kh, Pg, ps), jnp.float32, sharding=rep)]
     compiled = jax.jit(sm).lower(*args).compile()
-    assert "jaxtx_paged_attention_tpu" in compiled.as_text()
+    assert "jaxtx_ragged_paged_attention_tpu" in compiled.as_text()
 
 
 def test_tpu_flash_aot_compile_unaligned_lengths(no_persistent_cache):
