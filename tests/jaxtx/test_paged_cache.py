@@ -59,11 +59,15 @@ def schedule(lens, rng):
     return steps
 
 
-def run_paged(cfg, m, p, seqs, rng, quantize=False):
-    """Every token of seqs through the paged cache -> per sequence, logits [T, V] in position order."""
+def run_paged(cfg, m, p, seqs, rng, quantize=False, fill=None):
+    """Every token of seqs through the paged cache -> per sequence, logits [T, V] in position order. fill: a value
+    every float page entry starts with (garbage a previous request left behind)."""
     npp = max(-(-len(s) // PS) for s in seqs)
     pages = rng.permutation(PAGES)[: len(seqs) * npp].reshape(len(seqs), npp)  # disjoint random pages
     cache = PagedKVCache.init(cfg, PAGES, PS, quantize=quantize)
+    if fill is not None:
+        cache = cache.replace(k=jax.tree.map(lambda a: jnp.full_like(a, fill), cache.k),
+                              v=jax.tree.map(lambda a: jnp.full_like(a, fill), cache.v))
     fwd = jax.jit(lambda c, ids, pos: m.apply({"params": p}, ids, positions=pos, cache=c))
     got = [np.zeros((len(s), cfg.vocab_size), np.float32) for s in seqs]
     for runs in schedule([len(s) for s in seqs], rng):
@@ -100,6 +104,23 @@ def test_ragged_paged_forward_equals_each_sequence_alone(family, scan):
     assert cache.stacked == scan
     for s, g in zip(seqs, got):
         np.testing.assert_allclose(g, static_logits(cfg, m, p, s), atol=1e-5, rtol=1e-5)
+
+
+def test_garbage_in_the_pool_is_never_read_and_logits_at_selects_tokens():
+    """Pages start full of NaN: only what a sequence wrote is ever read. logits_at [1, M] gives exactly those rows."""
+    cfg, m, p = small("llama", False)
+    rng = np.random.default_rng(2)
+    seqs = [rng.integers(0, cfg.vocab_size, n).astype(np.int32) for n in (10, 7)]
+    got, _ = run_paged(cfg, m, p, seqs, rng, fill=np.nan)
+    for s, g in zip(seqs, got):
+        np.testing.assert_allclose(g, static_logits(cfg, m, p, s), atol=1e-5, rtol=1e-5)
+    cache = PagedKVCache.init(cfg, PAGES, PS).with_step(np.arange(5), np.array([[0, 1]]), np.array([5]),
+                                                         np.array([0, 5]), 1)
+    ids, pos = jnp.asarray(seqs[0][:5])[None], jnp.arange(5)[None]
+    full, _ = m.apply({"params": p}, ids, positions=pos, cache=cache)
+    at, _ = m.apply({"params": p}, ids, positions=pos, cache=cache, logits_at=jnp.array([[4, 1]]))
+    assert at.shape == (1, 2, cfg.vocab_size)
+    np.testing.assert_allclose(at[0], np.asarray(full[0])[[4, 1]], atol=1e-6)
 
 
 def test_int8_pages_equal_the_int8_static_cache():
