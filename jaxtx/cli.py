@@ -27,7 +27,14 @@ def _cmd_info(args) -> int:
     if args.kv_dtype not in sizing.DTYPE_BYTES:
         raise ValueError(f"--kv-dtype {args.kv_dtype!r}: expected one of {', '.join(sorted(sizing.DTYPE_BYTES))}")
     cfg = load_model_config(args.config, args.overrides)
-    print(sizing.report(cfg, seq_len=args.seq_len, batch=args.batch, kv_dtype=args.kv_dtype, compute=args.compute))
+    weights = None
+    if args.weights:
+        from jaxtx import quant
+        weights = ["int8", "fp8", "int4-g128", "nf4", "nf4-dq"] if args.weights == "all" else args.weights.split(",")
+        for w in weights:
+            quant.parse_scheme(w)  # a bad name fails before any work
+    print(sizing.report(cfg, seq_len=args.seq_len, batch=args.batch, kv_dtype=args.kv_dtype, compute=args.compute,
+                        weights=weights))
     return 0
 
 
@@ -50,6 +57,9 @@ def _register_core(sub) -> None:
     p.add_argument("--kv-dtype", default="bfloat16", help="KV cache dtype: bfloat16, float16, float32, int8")
     p.add_argument("--compute", type=real(0.0, low_open=True), default=None,
                    help="a FLOP budget (> 0): print the Chinchilla-optimal N and D")
+    p.add_argument("--weights", default=None, metavar="SCHEMES",
+                   help="weight bytes per quantization scheme, comma-separated (int8, fp8, int4-g128, nf4, nf4-dq) "
+                        "or 'all', next to bf16")
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("convert", help="convert checkpoints between Hugging Face safetensors and jaxtx (orbax)",

@@ -324,9 +324,9 @@ def quantize_params(params, scheme: str, *, skip=DEFAULT_SKIP, group_size: Optio
         if isinstance(x, QTensor):
             raise ValueError(f"quantize_params: {_path_str(path)} is already quantized ({x.scheme})")
         keys = tuple(str(getattr(k, "key", k)) for k in path)
-        lay = kernel_layout(keys, np.ndim(x))
+        lay = kernel_layout(keys, len(np.shape(x)))  # shapes only: works on tracers (eval_shape in weight_report)
         p = "/".join(keys)
-        if lay is None or any(r.search(p) for r in pats) or np.size(x) < min_size:
+        if lay is None or any(r.search(p) for r in pats) or math.prod(np.shape(x)) < min_size:
             return x
         found.append(p)
         return quantize(x, scheme, contract=lay[1], n_batch=lay[0], group_size=group_size,
@@ -351,6 +351,48 @@ def quantized_paths(params) -> dict[str, QTensor]:
 def weight_bytes(params) -> int:
     """Bytes of every param, quantized ones counted with their scales and zero points."""
     return sum(int(a.size) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(params))
+
+
+def parse_scheme(text: str) -> tuple[str, dict]:
+    """'int8' | 'fp8' | 'int4' | 'int4-g64' | 'nf4' | 'nf4-dq' (double quant) | 'nf4-g128-dq' -> (scheme, options)."""
+    parts = text.lower().replace("+", "-").split("-")
+    scheme, opts = parts[0], {}
+    for p in parts[1:]:
+        if p in ("dq", "double_quant", "doublequant") and scheme == "nf4":
+            opts["double_quant"] = True
+        elif p[:1] == "g" and p[1:].isdigit() and scheme in GROUPED:
+            opts["group_size"] = int(p[1:])
+        else:
+            scheme = None
+    if scheme not in SCHEMES:
+        raise ValueError(f"--weights {text!r}: expected int8, fp8, int4[-gN] or nf4[-gN][-dq] (e.g. int4-g128, "
+                         "nf4-dq), or a float dtype")
+    return scheme, opts
+
+
+def weight_report(cfg, schemes) -> list[str]:
+    """Weight bytes of a config's params per scheme (e.g. ["bfloat16", "int8", "int4-g128", "nf4-dq"]), from the
+    abstract param tree: nothing is allocated, the counts are those quantize_params would produce (default skip)."""
+    import jaxtx.model
+    from jaxtx.sizing import human_bytes
+
+    model = jaxtx.model.build(cfg.replace(scan_layers=True))
+    import flax.linen as nn
+    abstract = nn.unbox(jaxtx.model.abstract_params(model))
+    total = sum(math.prod(a.shape) for a in jax.tree.leaves(abstract))
+    lines = []
+    for name in schemes:
+        if name in ("float32", "bfloat16", "float16"):
+            nbytes = total * np.dtype(jnp.dtype(name)).itemsize
+            label = name
+        else:
+            scheme, opts = parse_scheme(name)
+            half = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16), abstract)
+            q = jax.eval_shape(lambda p: quantize_params(p, scheme, **opts), half)
+            nbytes = weight_bytes(q)
+            label = f"{name} (rest bf16)"
+        lines.append(f"  {label:<24} {human_bytes(nbytes):>10}  ({nbytes / (2 * total):.3f}x of bf16)")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------ sharding

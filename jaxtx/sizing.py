@@ -183,8 +183,8 @@ def human_bytes(n: float) -> str:
 
 
 def report(cfg: ModelConfig, seq_len: int = 2048, batch: int = 1, kv_dtype: str = "bfloat16",
-           compute: float | None = None) -> str:
-    """The text `jaxtx info` prints."""
+           compute: float | None = None, weights=None) -> str:
+    """The text `jaxtx info` prints. weights: schemes whose weight bytes to list (e.g. ["int8", "nf4-dq"])."""
     _size("seq_len", seq_len, 1)
     _size("batch", batch, 1)
     c = param_counts(cfg)
@@ -202,6 +202,10 @@ def report(cfg: ModelConfig, seq_len: int = 2048, batch: int = 1, kv_dtype: str 
     lines += [f"FLOPs per token at T={seq_len}: forward {human(f)}, training {human(3 * f)}",
               f"KV cache ({kv_dtype}): {human_bytes(kv_cache_bytes_per_token(cfg, kv_dtype))} per token, "
               f"{human_bytes(kv_cache_bytes(cfg, seq_len, batch, kv_dtype))} for {batch} x {seq_len} tokens"]
+    if weights:
+        from jaxtx import quant
+        lines += ["weights (quantized matrices + scales; embeddings, head, norms, router kept):"]
+        lines += quant.weight_report(cfg, ["bfloat16", *weights])
     m = train_memory_bytes(cfg)
     lines.append("training memory (fp32 params, grads, Adam moments; no activations): " +
                  ", ".join(f"{k} {human_bytes(v)}" for k, v in m.items()))

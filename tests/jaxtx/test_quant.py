@@ -308,3 +308,21 @@ def test_cli_errors(tmp_path, capsys):
     (tmp_path / "b" / "x").write_text("keep")
     assert main(["quantize", "--hf", str(FIX / "llama"), "--scheme", "int8", "--to", str(tmp_path / "b")]) == 2
     assert "not an empty folder" in capsys.readouterr().err and (tmp_path / "b" / "x").read_text() == "keep"
+
+
+def test_info_weight_bytes_match_real_quantized_params(capsys):
+    from jaxtx.cli import main
+    from jaxtx.config import load_model_config
+    import jaxtx.model
+    cfg = load_model_config("tiny", ["n_layers=2", "d_model=64", "d_ff=128", "vocab_size=256"])
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16),
+                          jaxtx.model.init_params(jaxtx.model.build(cfg.replace(scan_layers=True)), jax.random.key(0)))
+    lines = quant.weight_report(cfg, ["bfloat16", "int4-g32", "nf4-dq"])
+    from jaxtx.sizing import human_bytes
+    for line, (s, o) in zip(lines[1:], [("int4", {"group_size": 32}), ("nf4", {"double_quant": True})]):
+        assert human_bytes(quant.weight_bytes(quant.quantize_params(params, s, **o))) in line
+    assert main(["info", "tiny", "--weights", "int8,nf4-dq"]) == 0
+    out = capsys.readouterr().out
+    assert "int8 (rest bf16)" in out and "nf4-dq (rest bf16)" in out and "KV cache" in out
+    assert main(["info", "tiny", "--weights", "int5"]) == 2
+    assert "--weights 'int5'" in capsys.readouterr().err
