@@ -317,8 +317,17 @@ def state_metadata(state_dir) -> dict[str, tuple[tuple, str]]:
     import jax
     import numpy as np
     import orbax.checkpoint as ocp
+    state_dir = Path(state_dir).absolute()
+    # missing or truncated index files first, without orbax: its failed reads print stray asyncio tracebacks
     try:
-        tree = ocp.PyTreeCheckpointHandler().metadata(Path(state_dir).absolute()).tree
+        info = json.loads((state_dir / "_METADATA").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointDamaged(f"{state_dir / '_METADATA'}: unreadable ({type(e).__name__}: {e})") from None
+    manifest = state_dir / "manifest.ocdbt"
+    if isinstance(info, dict) and info.get("use_ocdbt") and (not manifest.is_file() or manifest.stat().st_size == 0):
+        raise CheckpointDamaged(f"{manifest}: missing or empty")
+    try:
+        tree = ocp.PyTreeCheckpointHandler().metadata(state_dir).tree
         leaves = jax.tree_util.tree_leaves_with_path(tree)
         return {_leaf_name(p): (tuple(m.shape), np.dtype(m.dtype).name) for p, m in leaves}
     except Exception as e:  # noqa: BLE001 — whatever orbax raises, the files are not a readable checkpoint

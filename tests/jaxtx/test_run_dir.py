@@ -114,3 +114,18 @@ def test_old_run_dir_without_a_layout_gets_the_training_layout_and_a_note(tmp_pa
     (out / rd.LAYOUT).unlink()
     loaded = load_run(out)
     assert loaded.prompt_layout == rd.PromptLayout() and "records no prompt layout" in loaded.note
+
+
+@pytest.mark.parametrize("damage", ["delete _METADATA", "empty manifest.ocdbt", "garbage manifest.ocdbt"])
+def test_integrity_check_finds_missing_or_truncated_files(tmp_path, damage):
+    model, params = jaxtx.hf.load(FIX / "gpt2")
+    jaxtx.hf.save_jaxtx(model.cfg, params, tmp_path / "m")
+    state = tmp_path / "m" / "checkpoints" / "0" / "state"
+    assert rd.mismatches(rd.abstract_params(model.cfg), rd.state_metadata(state), "params") == []
+    action, name = damage.split()
+    if action == "delete":
+        (state / name).unlink()
+    else:
+        (state / name).write_bytes(b"" if action == "empty" else b"garbage")
+    with pytest.raises(rd.CheckpointDamaged):
+        rd.state_metadata(state)
