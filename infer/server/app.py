@@ -96,8 +96,10 @@ class _Job:
     def done(self) -> bool:
         return all(c.finished for c in self.choices)
 
-    async def next(self, request: Optional[Request]) -> tuple[Choice, str, int]:
-        """The next event applied to its choice: (choice, releasable text, tokens before the event)."""
+    async def next(self, request: Optional[Request]) -> list[tuple[Choice, str, int]]:
+        """Waits for an event, then takes every event already queued, applied to their choices and merged per
+        choice: [(choice, releasable text, its token count before these events)]. When the loop falls behind the
+        engine, a stream sends one chunk for several steps instead of falling further behind."""
         while True:
             try:
                 ev = await (asyncio.wait_for(self.queue.get(), 1.0) if request is not None else self.queue.get())
@@ -105,16 +107,22 @@ class _Job:
                 if await request.is_disconnected():
                     raise _ClientGone() from None
                 continue
-            if isinstance(ev, EngineDied):
-                raise APIError(503 if "shutting down" in ev.message else 500, ev.message)
-            c = self.by_rid[ev.request_id]
-            if c.finished:  # events queued before a stop string ended it
-                continue
-            before = len(c.token_ids)
-            text = c.add(ev)
-            if c.finish_reason == "stop" and not ev.finished:  # a stop string: the engine still runs it
-                self.runner.abort(c.request_id)
-            return c, text, before
+            events = [ev]
+            while not self.queue.empty():
+                events.append(self.queue.get_nowait())
+            merged: dict[str, list] = {}
+            for ev in events:
+                if isinstance(ev, EngineDied):
+                    raise APIError(503 if "shutting down" in ev.message else 500, ev.message)
+                c = self.by_rid[ev.request_id]
+                if c.finished:  # events queued before a stop string ended it
+                    continue
+                m = merged.setdefault(ev.request_id, [c, "", len(c.token_ids)])
+                m[1] += c.add(ev)
+                if c.finish_reason == "stop" and not ev.finished:  # a stop string: the engine still runs it
+                    self.runner.abort(c.request_id)
+            if merged:
+                return [tuple(m) for m in merged.values()]
 
 
 def create_app(engine, tokenizer: Tokenizer, config: ServeConfig) -> FastAPI:
@@ -314,14 +322,14 @@ def create_app(engine, tokenizer: Tokenizer, config: ServeConfig) -> FastAPI:
         async def stream_body():
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             while not job.done:
-                c, text, before = await job.next(None)
-                if not text and not c.finished and not (want_lp and len(c.token_ids) > before):
-                    continue
-                first, c.first = c.first, False
-                choice = S.CompletionChoice(index=c.index, text=(echo_text(c) if first else "") + text,
-                                            logprobs=logprobs_of(c, before, len(c.token_ids), first),
-                                            finish_reason=c.finish_reason)
-                yield _sse(S.Completion(id=cid, created=created, model=config.model_name, choices=[choice]))
+                for c, text, before in await job.next(None):
+                    if not text and not c.finished and not (want_lp and len(c.token_ids) > before):
+                        continue
+                    first, c.first = c.first, False
+                    choice = S.CompletionChoice(index=c.index, text=(echo_text(c) if first else "") + text,
+                                                logprobs=logprobs_of(c, before, len(c.token_ids), first),
+                                                finish_reason=c.finish_reason)
+                    yield _sse(S.Completion(id=cid, created=created, model=config.model_name, choices=[choice]))
             if include_usage:
                 yield _sse(S.Completion(id=cid, created=created, model=config.model_name, choices=[],
                                         usage=usage(job, prompts, n)))
@@ -369,13 +377,13 @@ def create_app(engine, tokenizer: Tokenizer, config: ServeConfig) -> FastAPI:
                 yield _sse(S.ChatCompletionChunk(id=cid, created=created, model=config.model_name, choices=[
                     S.ChunkChoice(index=c.index, delta=S.Delta(role="assistant", content=""))], **extra))
             while not job.done:
-                c, text, before = await job.next(None)
-                if not text and not c.finished and not (req.logprobs and len(c.token_ids) > before):
-                    continue
-                lp = c.chat_logprobs(before, len(c.token_ids)) if req.logprobs else None
-                yield _sse(S.ChatCompletionChunk(id=cid, created=created, model=config.model_name, choices=[
-                    S.ChunkChoice(index=c.index, delta=S.Delta(content=text or None), logprobs=lp,
-                                  finish_reason=c.finish_reason)], **extra))
+                for c, text, before in await job.next(None):
+                    if not text and not c.finished and not (req.logprobs and len(c.token_ids) > before):
+                        continue
+                    lp = c.chat_logprobs(before, len(c.token_ids)) if req.logprobs else None
+                    yield _sse(S.ChatCompletionChunk(id=cid, created=created, model=config.model_name, choices=[
+                        S.ChunkChoice(index=c.index, delta=S.Delta(content=text or None), logprobs=lp,
+                                      finish_reason=c.finish_reason)], **extra))
             if include_usage:
                 yield _sse(S.ChatCompletionChunk(id=cid, created=created, model=config.model_name, choices=[],
                                                  usage=usage(job, [ids], n)))

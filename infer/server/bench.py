@@ -86,17 +86,20 @@ async def _http_load(base, name, reqs, concurrency):
         async with sem:
             t0 = time.perf_counter()
             last = None
+            # logprobs=0 only to learn how many tokens each chunk carries (the engine's multi-step decode sends
+            # several per event): inter-token latency is a chunk's gap spread over its tokens, as for direct
             stream = await client.completions.create(model=name, prompt=prompt, max_tokens=n, temperature=0,
-                                                     stream=True, stream_options={"include_usage": True})
+                                                     stream=True, stream_options={"include_usage": True}, logprobs=0)
             async for chunk in stream:
                 now = time.perf_counter()
                 if chunk.usage is not None:
                     n_out[0] += chunk.usage.completion_tokens
-                if chunk.choices and chunk.choices[0].text:
+                k = len(chunk.choices[0].logprobs.tokens) if chunk.choices and chunk.choices[0].logprobs else 0
+                if k:
                     if last is None:
                         ttft.append(now - t0)
                     else:
-                        itl.append(now - last)
+                        itl.extend([(now - last) / k] * k)
                     last = now
 
     t0 = time.perf_counter()
