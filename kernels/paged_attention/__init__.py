@@ -85,5 +85,5 @@ def paged_attention(q, k_pages, v_pages, lengths, page_indices, *, k_scales=None
     return o[:, 0] if squeeze else o
 
 
-__all__ = ["RAGGED_BACKENDS", "paged_attention", "paged_attention_reference", "ragged_paged_attention",
-           "ragged_paged_attention_xla"]
+__all__ = ["RAGGED_BACKENDS", "RaggedBlockSizes", "paged_attention", "paged_attention_reference",
+           "ragged_paged_attention", "ragged_paged_attention_xla"]
