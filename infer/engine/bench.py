@@ -20,24 +20,26 @@ from __future__ import annotations
 import argparse
 import time
 
+from jaxtx.argtypes import integer, real
+
 
 def register(bench_subparsers) -> None:
     p = bench_subparsers.add_parser("serve", help="serving engine: throughput, TTFT, TPOT vs static batching",
                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="model preset name or YAML path")
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="ModelConfig overrides")
-    p.add_argument("--requests", type=int, default=32)
-    p.add_argument("--prompt-len", type=int, nargs=2, default=[16, 1024], metavar=("MIN", "MAX"))
-    p.add_argument("--output-len", type=int, nargs=2, default=[16, 256], metavar=("MIN", "MAX"))
-    p.add_argument("--rate", type=float, default=0.0, help="Poisson arrival rate, requests/s (0: offline only)")
-    p.add_argument("--max-seqs", type=int, default=16)
-    p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--num-pages", type=int, default=0, help="pool size (0: every request's pages at once)")
-    p.add_argument("--max-tokens-per-step", type=int, default=256)
-    p.add_argument("--decode-steps", type=int, nargs="+", default=[8],
+    p.add_argument("--requests", type=integer(1), default=32)
+    p.add_argument("--prompt-len", type=integer(1), nargs=2, default=[16, 1024], metavar=("MIN", "MAX"))
+    p.add_argument("--output-len", type=integer(1), nargs=2, default=[16, 256], metavar=("MIN", "MAX"))
+    p.add_argument("--rate", type=real(0.0), default=0.0, help="Poisson arrival rate, requests/s (0: offline only)")
+    p.add_argument("--max-seqs", type=integer(1), default=16)
+    p.add_argument("--page-size", type=integer(1), default=16)
+    p.add_argument("--num-pages", type=integer(0), default=0, help="pool size (0: every request's pages at once)")
+    p.add_argument("--max-tokens-per-step", type=integer(1), default=256)
+    p.add_argument("--decode-steps", type=integer(1), nargs="+", default=[8],
                    help="decode steps per jitted loop (several values: offline throughput of each; 1 = off)")
-    p.add_argument("--shared-prefix", type=int, default=512, help="prefix workload: shared prompt tokens (0: skip)")
-    p.add_argument("--prefix-requests", type=int, default=8)
+    p.add_argument("--shared-prefix", type=integer(0), default=512, help="prefix workload: shared prompt tokens (0: skip)")
+    p.add_argument("--prefix-requests", type=integer(2), default=8)
     p.add_argument("--no-static", action="store_true", help="skip the static-batching baseline")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
@@ -116,6 +118,10 @@ def run(args) -> int:
     from jaxtx.infer.engine import Engine, EngineConfig
     from jaxtx.infer.generation import for_decoding
 
+    for flag in ("prompt_len", "output_len"):
+        lo, hi = getattr(args, flag)
+        if lo > hi:
+            raise ValueError(f"bench serve: --{flag.replace('_', '-')} {lo} {hi}: MIN must be <= MAX")
     cfg = load_model_config(args.config, args.set)
     if cfg.kind != "decoder":
         raise ValueError(f"bench serve: needs a decoder-only config, got kind {cfg.kind!r}")

@@ -20,3 +20,15 @@ def test_bench_serve_tiny_prints_every_row(capsys):
         assert m and float(m.group(1)) > 0, (name, out)
     assert re.search(r"engine offline / static batching: [\d.]+x", out)
     assert re.search(r"TTFT p50 \d+ ms with prefix caching, \d+ ms without", out)
+
+
+def test_bench_serve_refuses_bad_flags(capsys):
+    import pytest
+    parser = argparse.ArgumentParser()
+    bench.register(parser.add_subparsers(dest="target"))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "tiny", "--requests", "0"])
+    assert "argument --requests: 0 is not >= 1" in capsys.readouterr().err
+    args = parser.parse_args(["serve", "tiny", "--prompt-len", "9", "3"])
+    with pytest.raises(ValueError, match="--prompt-len 9 3: MIN must be <= MAX"):
+        args.func(args)

@@ -79,6 +79,8 @@ def test_greedy_matches_full_forward_under_random_arrivals_budgets_and_preemptio
     for i, (pr, n) in enumerate(zip(ps, news)):
         assert out[i][0] == naive_greedy(m, p, pr, n), i
         assert out[i][1].finish_reason == "length"
+    if eng.config.decode_steps > 1:
+        assert eng.stats()["decode_loops"] > 0  # the multi-step loop ran (and matched)
     if usable is not None and window is None:  # (window models free pages as they go: 6 pages may be plenty)
         assert eng.stats()["preemptions"] > before  # the small pool did force preemption
 
@@ -318,4 +320,19 @@ def test_a_failing_allowed_tokens_callable_ends_only_its_request():
     end = [e for e in evs if e.request_id == bad]
     assert len(end) == 1 and end[0].finish_reason == "abort" and "shape (7,); expected (2,)" in end[0].error
     assert sum((e.token_ids for e in evs if e.request_id == good), []) == naive_greedy(m, p, [1, 2, 3], 5)
+    assert_pool_free(eng)
+
+
+def test_sliding_window_pages_are_freed_as_the_window_moves():
+    eng = engine(5)
+    m, p = eng.model, eng.params
+    prompt = list(range(1, 41))
+    rid = eng.add_request(prompt, max_new_tokens=30)
+    toks, peak = [], 0
+    while eng.has_work():
+        toks += sum((e.token_ids for e in eng.step()), [])
+        peak = max(peak, eng.stats()["pages_used"])
+    assert toks == naive_greedy(m, p, prompt, 30)
+    # 70 tokens would hold 18 pages of 4; the window (5) + a 16-token chunk never needs more than 7
+    assert peak <= eng.sched.max_pages(70) == 7
     assert_pool_free(eng)
