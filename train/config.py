@@ -14,6 +14,7 @@ from typing import Literal, Optional
 
 from jaxtx.config import (ConfigError, ModelConfig, check_bounds, coerce, find_config_file, load_config_file,
                           load_model_config, parse_overrides, unknown_key_error)
+from jaxtx.lora.core import LoraConfig
 from jaxtx.sharding import MeshConfig
 
 Objective = Literal["causal", "mlm", "span", "sft", "dpo"]
@@ -157,6 +158,7 @@ class RunConfig:
     mesh: MeshConfig  # jaxtx.sharding's: data/fsdp/tensor/expert sizes (-1 = the rest), dcn_*, rules
     train: TrainConfig
     out_dir: str
+    lora: Optional[LoraConfig] = None  # the `lora:` section: train adapters on a frozen base (jaxtx.lora)
 
     def model_config(self) -> ModelConfig:
         return load_model_config(self.model_preset, dict(self.model_overrides))
@@ -164,8 +166,38 @@ class RunConfig:
     def to_dict(self) -> dict:
         """The resolved config: every section fully written out (the model section lists every ModelConfig field)."""
         model = {"preset": self.model_preset, **self.model_config().to_dict()}
-        return {"model": model, "data": dataclasses.asdict(self.data), "optim": dataclasses.asdict(self.optim),
-                "mesh": dataclasses.asdict(self.mesh), "train": dataclasses.asdict(self.train), "out_dir": self.out_dir}
+        out = {"model": model, "data": dataclasses.asdict(self.data), "optim": dataclasses.asdict(self.optim),
+               "mesh": dataclasses.asdict(self.mesh), "train": dataclasses.asdict(self.train), "out_dir": self.out_dir}
+        if self.lora is not None:
+            out["lora"] = lora_section_dict(self.lora)
+        return out
+
+
+LORA_TYPES = {"r": int, "alpha": float, "dropout": float, "target_modules": (list, str), "rslora": bool,
+              "rank_pattern": dict, "alpha_pattern": dict}
+
+
+def lora_section_dict(lc) -> dict:
+    return {"r": lc.r, "alpha": lc.alpha, "dropout": lc.dropout,
+            "target_modules": lc.target_modules if isinstance(lc.target_modules, str) else list(lc.target_modules),
+            "rslora": lc.rslora, "rank_pattern": dict(lc.rank_pattern), "alpha_pattern": dict(lc.alpha_pattern)}
+
+
+def _lora_section(values: dict):
+    """The `lora:` section as a jaxtx.lora.LoraConfig (which checks each value's domain)."""
+    clean = {}
+    for k, v in values.items():
+        if k not in LORA_TYPES:
+            raise unknown_key_error("lora section", k, list(LORA_TYPES))
+        tp = LORA_TYPES[k]
+        if tp is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if not isinstance(v, tp) or (tp in (int, float) and isinstance(v, bool)):
+            want = {int: "an integer", float: "a number", bool: "true or false", dict: "a mapping {name: value}",
+                    (list, str): "a list of module names, a regex or 'all-linear'"}[tp]
+            raise ConfigError(f"lora.{k}={v!r}: expected {want}")
+        clean[k] = v
+    return LoraConfig(**clean)
 
 
 SECTIONS = {"data": DataConfig, "optim": OptimConfig, "mesh": MeshConfig, "train": TrainConfig}
@@ -194,12 +226,12 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None)
     if path is not None:
         p, raw = load_config_file(path, ["", "runs"], "run config")
         where = str(p)
-    valid_top = ["model", "out_dir", *SECTIONS]
+    valid_top = ["model", "out_dir", "lora", *SECTIONS]
     for k in raw:
         if k not in valid_top:
             raise unknown_key_error(where, k, valid_top)
     tree = {}
-    for s in ["model", *SECTIONS]:
+    for s in ["model", "lora", *SECTIONS]:
         section = raw.get(s)
         if section is not None and not isinstance(section, dict):
             raise ConfigError(f"{where}: section {s!r} must be a mapping of keys, got {type(section).__name__} "
@@ -227,7 +259,8 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None)
                     data=_section(DataConfig, tree["data"], "data"),
                     optim=_section(OptimConfig, tree["optim"], "optim"),
                     mesh=MeshConfig.from_dict(tree["mesh"], "mesh"),
-                    train=_section(TrainConfig, tree["train"], "train"), out_dir=str(out_dir))
+                    train=_section(TrainConfig, tree["train"], "train"), out_dir=str(out_dir),
+                    lora=_lora_section(tree["lora"]) if tree["lora"] or "lora" in raw else None)
     validate(cfg, cfg.model_config())
     return cfg
 
@@ -248,5 +281,8 @@ def validate(cfg: RunConfig, model_cfg: ModelConfig) -> None:
     if t.objective in ("sft", "dpo") and d.source not in ("jsonl", "synthetic"):
         raise ConfigError(f"train.objective={t.objective!r} reads prompt/response records, but data.source="
                           f"{d.source!r}: set data.source=jsonl with data.path=FILE.jsonl (or data.source=synthetic)")
+    if cfg.lora is not None:  # targets name modules of this model; embeddings, lm_head, MoE experts are refused
+        from jaxtx.lora import resolve
+        resolve(model_cfg, cfg.lora)
     if t.objective == "mlm" and not model_cfg.mlm_head:
         raise ConfigError("train.objective='mlm' needs model.mlm_head=true")

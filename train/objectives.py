@@ -7,6 +7,7 @@ Batch formats come from packing.py / data.py; everything here is traced inside t
     causal  next-token CE; a target counts only inside its own document (same segment id, not padding)
     sft     causal CE on response tokens only (loss_mask)
     dpo     -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))) over response log-probs; ref = frozen params
+            (with LoRA: the base with the adapter off, i.e. the same params minus the adapter leaves, no copy)
     mlm     BERT: mlm_prob of real tokens chosen; 80% -> <mask>, 10% -> random token, 10% unchanged; CE on chosen
     span    T5 span corruption: encoder sees sentinels, decoder predicts sentinel + span ... EOS (target_mask)
 """
@@ -71,9 +72,10 @@ class Objective:
 
 
 def _apply(model, params, *args, rng, train: bool, **kw):
-    """Forward with dropout and MoE intermediates; returns (logits, moe aux loss scalar)."""
+    """Forward with dropout and MoE intermediates; returns (logits, moe aux loss scalar). The dropout rng is passed
+    in training only: LoRA adapters (jaxtx.lora.dense) drop their input whenever a "dropout" rng is present."""
     from jaxtx.model import moe_aux_loss
-    out, state = model.apply({"params": params}, *args, deterministic=not train, rngs={"dropout": rng},
+    out, state = model.apply({"params": params}, *args, deterministic=not train, rngs={"dropout": rng} if train else {},
                              mutable=["intermediates"], **kw)
     return out, moe_aux_loss(state.get("intermediates", {}), model.cfg)
 
@@ -103,6 +105,12 @@ def make_objective(model, cfg: ModelConfig, t: TrainConfig, *, mask_id: int = MA
         both = {k: jnp.concatenate([batch[k], batch["rejected_" + k]]) for k in ("tokens", "segment_ids", "loss_mask")}
         B = batch["tokens"].shape[0]
         lp, aux = seq_logp(params, both["tokens"], both["segment_ids"], both["loss_mask"], rng, train)
+        if ref_params is None:  # LoRA: the reference is the frozen base, the adapter switched off
+            from jaxtx import lora
+            if not lora.has_lora(params):
+                raise ValueError("dpo: no reference params (train state 'ref_params') and no LoRA adapter whose "
+                                 "base could serve as the reference")
+            ref_params = lora.strip(params)
         ref, _ = seq_logp(jax.lax.stop_gradient(ref_params), both["tokens"], both["segment_ids"], both["loss_mask"],
                           rng, False)
         margin = t.dpo_beta * ((lp[:B] - ref[:B]) - (lp[B:] - ref[B:]))

@@ -2,6 +2,10 @@
 
 TrainState is a plain dict pytree, so orbax, AOT lowering and sharding trees all see the same structure:
     {"step": int32[], "skipped": int32[], "params": {...}, "opt_state": optax state, ["ref_params": {...}] (DPO)}
+With a `lora:` section, "params" holds only the trainable adapter leaves (lora_a, lora_b) and the optimizer state is
+theirs; "frozen" holds the base params plus the adapters' fixed lora_scale / lora_dropout. The step differentiates
+with respect to "params" only, so no base gradient or base optimizer state exists; DPO's reference is the base with
+the adapter off (no "ref_params" copy). `train_params(state)` is the full tree the model runs on.
 The dropout/masking RNG is not state: it is fold_in(key(seed), step), so a resumed run draws the same numbers.
 
 Call everything inside `jaxtx.sharding.use_mesh(mesh, rules)` so the model's logical constraints see the mesh.
@@ -61,10 +65,32 @@ def abstract_batch(cfg: ModelConfig, run_cfg: RunConfig, mesh=None, rules=None) 
     return {k: jax.ShapeDtypeStruct(s, jnp.int32, sharding=sh) for k, s in batch_shapes(cfg, run_cfg).items()}
 
 
+def train_params(state: TrainState) -> dict:
+    """The params tree the model runs on: the base with the adapters when the run trains LoRA."""
+    if "frozen" not in state:
+        return state["params"]
+    from jaxtx import lora
+    return lora.combine(state["frozen"], state["params"])
+
+
+def _adapters(cfg: ModelConfig, run_cfg: RunConfig, rng) -> tuple[dict, dict]:
+    """(trainable lora_a/lora_b, frozen lora_scale/lora_dropout) for the run's `lora:` section (host arrays)."""
+    from jaxtx import lora
+    from jaxtx.layers.common import dtype_of
+    return lora.split(lora.init_adapters(cfg, run_cfg.lora, rng, dtype_of(cfg.param_dtype)))
+
+
+def _lora_rng(run_cfg: RunConfig):
+    """The adapters' init key: a function of train.seed alone, so the abstract state and the real one agree."""
+    return jax.random.fold_in(jax.random.key(run_cfg.train.seed), 1013)
+
+
 def state_shardings(model, cfg: ModelConfig, run_cfg: RunConfig, optimizer, mesh, rules) -> tuple[dict, dict]:
     """(abstract state whose ShapeDtypeStructs carry shardings, sharding tree) — nothing is allocated."""
     args, kw = init_call(cfg)
     abs_params, p_sh = shd.param_shardings(model, mesh, rules, *args, **kw)
+    if getattr(run_cfg, "lora", None) is not None:
+        return _lora_state_shardings(cfg, run_cfg, optimizer, mesh, abs_params, p_sh)
     o_sh = shd.opt_state_shardings(optimizer, abs_params, p_sh)
     abs_opt = jax.eval_shape(optimizer.init, abs_params)
     abs_opt = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_opt, o_sh)
@@ -74,6 +100,25 @@ def state_shardings(model, cfg: ModelConfig, run_cfg: RunConfig, optimizer, mesh
     shardings = {"step": rep, "skipped": rep, "params": p_sh, "opt_state": o_sh}
     if run_cfg.train.objective == "dpo":
         abstract["ref_params"], shardings["ref_params"] = abs_params, p_sh
+    return abstract, shardings
+
+
+def _lora_state_shardings(cfg, run_cfg, optimizer, mesh, abs_params, p_sh) -> tuple[dict, dict]:
+    from jaxtx import lora
+    trainable, extra = _adapters(cfg, run_cfg, _lora_rng(run_cfg))
+    a_sh = lora.adapter_shardings(lora.combine(trainable, extra), p_sh)
+    t_sh, e_sh = lora.split(a_sh)
+    to_abs = lambda tree, sh: jax.tree.map(  # noqa: E731
+        lambda a, s: jax.ShapeDtypeStruct(jnp.shape(a), jnp.asarray(a).dtype, sharding=s), tree, sh)
+    abs_t = to_abs(trainable, t_sh)
+    o_sh = shd.opt_state_shardings(optimizer, abs_t, t_sh)
+    abs_opt = jax.eval_shape(optimizer.init, abs_t)
+    abs_opt = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_opt, o_sh)
+    rep = NamedSharding(mesh, P())
+    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
+    abstract = {"step": scalar, "skipped": scalar, "params": abs_t, "opt_state": abs_opt,
+                "frozen": lora.combine(abs_params, to_abs(extra, e_sh))}
+    shardings = {"step": rep, "skipped": rep, "params": t_sh, "opt_state": o_sh, "frozen": lora.combine(p_sh, e_sh)}
     return abstract, shardings
 
 
@@ -89,8 +134,23 @@ def init_train_state(model, cfg: ModelConfig, run_cfg: RunConfig, optimizer, mes
     if params is None:
         args, kw = init_call(cfg)
         params = shd.init_sharded(model, rng, mesh, rules, *args, **kw)
-    else:
+    elif "frozen" not in sh:
         params = jax.device_put(params, sh["params"])
+    if "frozen" in sh:  # LoRA: `params` above is the frozen base; the adapters are what trains
+        from jaxtx import lora
+        base_sh = lora.strip(sh["frozen"])
+        base = params if params is not None else None
+        if base is None:
+            args, kw = init_call(cfg)
+            base = shd.init_sharded(model, rng, mesh, rules, *args, **kw)
+        trainable, extra = _adapters(cfg, run_cfg, _lora_rng(run_cfg))
+        frozen = lora.combine(jax.device_put(lora.strip(base), base_sh),
+                              jax.device_put(extra, lora.adapters(sh["frozen"])))
+        trainable = jax.device_put(trainable, sh["params"])
+        return {"step": jax.device_put(jnp.zeros((), jnp.int32), sh["step"]),
+                "skipped": jax.device_put(jnp.zeros((), jnp.int32), sh["skipped"]),
+                "params": trainable, "opt_state": shd.init_opt_state(optimizer, trainable, sh["params"]),
+                "frozen": frozen}
     state = {"step": jax.device_put(jnp.zeros((), jnp.int32), sh["step"]),
              "skipped": jax.device_put(jnp.zeros((), jnp.int32), sh["skipped"]),
              "params": params, "opt_state": shd.init_opt_state(optimizer, params, sh["params"])}
@@ -120,8 +180,12 @@ def make_train_step(model, cfg: ModelConfig, run_cfg: RunConfig, optimizer: opta
     def step(state: TrainState, batch: dict):
         rng = jax.random.fold_in(jax.random.key(seed), state["step"])
         ref = state.get("ref_params")
+        frozen = state.get("frozen")
 
         def terms(params, micro, r):
+            if frozen is not None:  # LoRA: only the adapter leaves are differentiated
+                from jaxtx import lora
+                params = lora.combine(frozen, params)
             total, n, extra = objective.loss_terms(params, micro, r, True, ref)
             return total, (n, extra)
 
@@ -147,9 +211,12 @@ def make_train_step(model, cfg: ModelConfig, run_cfg: RunConfig, optimizer: opta
 
         def update(s):
             updates, opt_state = optimizer.update(grads, s["opt_state"], s["params"])
-            return {**s, "params": optax.apply_updates(s["params"], updates), "opt_state": opt_state}
+            return {"params": optax.apply_updates(s["params"], updates), "opt_state": opt_state}
 
-        new = jax.lax.cond(finite, update, lambda s: s, state)
+        # only what an update changes goes through the cond: a frozen base (LoRA) or a DPO reference passed through
+        # it would be an operand and a result of the cond, and XLA may give the result its own buffer (a copy)
+        trained = {"params": state["params"], "opt_state": state["opt_state"]}
+        new = {**state, **jax.lax.cond(finite, update, lambda s: s, trained)}
         new = {**new, "step": state["step"] + 1, "skipped": state["skipped"] + (~finite).astype(jnp.int32)}
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule_lr(state["step"]), "tokens": n,
                    "finite": finite.astype(jnp.float32), "skipped": new["skipped"].astype(jnp.float32),

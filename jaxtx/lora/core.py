@@ -16,6 +16,7 @@ an adapter on it is one `a` shared by the three and `b` split in three.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from typing import Optional, Union
@@ -115,7 +116,10 @@ def _kernel_shapes(cfg: ModelConfig) -> dict[tuple, tuple]:
     import flax.linen as nn
 
     import jaxtx.model
-    abstract = nn.unbox(jaxtx.model.abstract_params(jaxtx.model.build(cfg)))
+    # .value, not nn.unbox: unbox applies sharding constraints inside a mesh context, which fails on abstract values
+    is_box = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
+    abstract = jax.tree.map(lambda x: x.value if is_box(x) else x,
+                            jaxtx.model.abstract_params(jaxtx.model.build(cfg)), is_leaf=is_box)
     out = {}
 
     def walk(tree, prefix, stacked):
@@ -135,6 +139,11 @@ def _kernel_shapes(cfg: ModelConfig) -> dict[tuple, tuple]:
 
 def sites(cfg: ModelConfig) -> list[Site]:
     """Every linear module LoRA can adapt, in HF order (embeddings, the output head and MoE experts excluded)."""
+    return list(_sites(cfg))
+
+
+@functools.lru_cache(maxsize=32)
+def _sites(cfg: ModelConfig) -> tuple:
     from jaxtx.hf import mapping
     from jaxtx.hf.config import family_of
     fam = family_of(cfg)
@@ -156,7 +165,7 @@ def sites(cfg: ModelConfig) -> list[Site]:
         hf_in = e.shapes[0][0] if conv1d else e.shapes[0][1]
         n_in = next(n for n in range(1, len(kshapes[0]) + 1) if math.prod(kshapes[0][:n]) == hf_in)
         out.append(Site(name, paths, kshapes[0][:n_in], tuple(k[n_in:] for k in kshapes), conv1d))
-    return out
+    return tuple(out)
 
 
 def _refusal(cfg: ModelConfig, target: str) -> str:
@@ -376,3 +385,25 @@ def _merge_kernel(kernel, d):
         return (kernel.astype(jnp.float32) + d).astype(kernel.dtype), None
     from jaxtx.lora.qlora import merge_quantized
     return merge_quantized(kernel, d)
+
+
+def adapter_shardings(adapter_tree: dict, base_shardings: dict) -> dict:
+    """A NamedSharding for every LoRA leaf, derived from its kernel's, so adapters are sharded like the base:
+    a [stack.., in.., r] keeps the kernel's stack and input-dim specs, b [stack.., r, out..] its stack and output-dim
+    specs (r replicated), lora_scale / lora_dropout [stack..] the stack specs."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    def walk(ad, sh):
+        out = {k: walk(v, sh[k]) for k, v in ad.items() if isinstance(v, dict)}
+        if "lora_a" in ad:
+            ks = sh["kernel"]
+            n_stack = jnp.ndim(ad["lora_scale"])
+            n_in = jnp.ndim(ad["lora_a"]) - n_stack - 1
+            n_out = jnp.ndim(ad["lora_b"]) - n_stack - 1
+            spec = tuple(getattr(ks, "spec", ())) + (None,) * (n_stack + n_in + n_out)
+            specs = {"lora_a": spec[:n_stack + n_in] + (None,),
+                     "lora_b": spec[:n_stack] + (None,) + spec[n_stack + n_in:n_stack + n_in + n_out],
+                     "lora_scale": spec[:n_stack], "lora_dropout": spec[:n_stack]}
+            out.update({k: NamedSharding(ks.mesh, P(*specs[k])) for k in ad if not isinstance(ad[k], dict)})
+        return out
+    return walk(adapter_tree, base_shardings)
