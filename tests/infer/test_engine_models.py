@@ -126,3 +126,20 @@ def test_int8_pages_match_the_int8_static_cache():
     ref = generate(model, params, ps, max_new_tokens=10, quantize_kv=True).tokens
     assert eng.generate(ps, max_new_tokens=10).tokens == ref
     assert_pool_free(eng)
+
+
+def test_scanned_layers_and_prefix_cache_hits_match_generate():
+    """The scanned (stacked) layer layout through the engine, and prefix-cache hits on a real model: requests
+    sharing a 13-token system prompt (3 full pages) reuse its pages and still give generate's tokens."""
+    model, params = small_model("llama")
+    assert model.cfg.scan_layers
+    eng = Engine(model, params, config(decode_steps=1, max_logprobs=0))
+    rng = np.random.default_rng(2)
+    system = rng.integers(0, 97, 13).tolist()
+    ps = [system + rng.integers(0, 97, k).tolist() for k in (0, 2, 5, 9)]
+    ref = generate(model, params, ps, max_new_tokens=7).tokens
+    assert eng.generate(ps[:1], max_new_tokens=7).tokens == ref[:1]
+    before = eng.stats()["prefix_cached_tokens"]
+    assert eng.generate(ps, max_new_tokens=7).tokens == ref
+    assert eng.stats()["prefix_cached_tokens"] - before >= 4 * 12
+    assert_pool_free(eng)
