@@ -31,7 +31,9 @@ from jaxtx.train.config import SECTIONS, RunConfig
 from jaxtx.train.objectives import make_objective
 from jaxtx.train.optim import make_optimizer
 from jaxtx.train.sample import context_before_response, greedy_generate, training_prompt_layout
-from jaxtx.train.step import init_train_state, make_eval_step, make_train_step, state_shardings
+from jaxtx.train import lora_run
+from jaxtx.train.step import (init_train_state, lora_frozen, make_eval_step, make_train_step, state_shardings,
+                              train_params)
 from jaxtx.train.tokenizer import EOS
 
 def _code_prompts(texts: list[str], n: int) -> list[str]:
@@ -181,7 +183,8 @@ def train(run_cfg: RunConfig, log=print) -> dict:
         log = lambda *a, **k: None  # noqa: E731
     out = _RunDir(run_cfg, log, main_process)  # every check that protects existing files, before any write
     init = None
-    if run_cfg.train.init_from and not rd.checkpoint_steps(out.path):  # a resumed run has its own params
+    hf_base = run_cfg.lora is not None and lora_run.is_hf_folder(run_cfg.train.init_from or "")  # LoRA on an HF base
+    if run_cfg.train.init_from and not rd.checkpoint_steps(out.path) and not hf_base:  # a resumed run has its params
         init = _init_from(run_cfg.train.init_from)  # a typo or another model's checkpoint: refused before any write
         rd.check_params_fit(*init, rd.abstract_params(run_cfg.model_config()), f"train.init_from={init[0].parent}")
     try:
@@ -213,16 +216,24 @@ def _train(run_cfg: RunConfig, out: _RunDir, init_from, log, main_process: bool)
     abstract, shardings = state_shardings(model, cfg, run_cfg, optimizer, mesh, rules)
     ckpt = Checkpointer(run_dir / rd.CHECKPOINTS, keep=t.keep_ckpts, async_save=t.async_ckpt)
     try:
-        restored = ckpt.restore_latest(abstract, log=log)
+        restored = ckpt.restore_latest(lora_run.checkpointed(abstract), log=log)  # LoRA: the adapters only
+        base = None
+        if "frozen" in abstract:  # LoRA: the frozen base, which must be the one this run's adapters were trained on
+            if init_from is None and t.init_from and not lora_run.is_hf_folder(t.init_from):
+                init_from = _init_from(t.init_from)
+            base = lora_run.load_base(run_cfg, cfg, model, abstract, init_from, mesh, rules)
+            lora_run.check_base(run_dir, run_cfg, base, main_process)
         if restored is not None:
             start, state, meta = restored
+            if base is not None:
+                state = {**state, "frozen": lora_frozen(cfg, run_cfg, base, shardings)}
             log(f"resuming from {ckpt.dir}/{start}")
         else:
             start, meta = 0, None
-            init = None
+            init = base
             if init_from is None and t.init_from:  # every checkpoint of this run was damaged and set aside
                 init_from = _init_from(t.init_from)
-            if init_from is not None:
+            if init_from is not None and base is None:
                 init = rd.restore_params(*init_from, abstract["params"], f"train.init_from={t.init_from}")
                 log(f"params from {init_from[0]}/{init_from[1]}")
             state = init_train_state(model, cfg, run_cfg, optimizer, mesh, rules, jax.random.key(t.seed),
@@ -322,9 +333,9 @@ def _train(run_cfg: RunConfig, out: _RunDir, init_from, log, main_process: bool)
                     handle(*pending)  # metrics of a checkpointed step are on disk before the checkpoint is
                     pending = None
                 if at_eval:
-                    evaluate(s + 1, state["params"], state.get("ref_params"))
+                    evaluate(s + 1, train_params(state), state.get("ref_params"))
                 if at_ckpt or sig.got:
-                    ckpt.save(s + 1, state, {"step": s + 1, "data": data_state})
+                    ckpt.save(s + 1, lora_run.checkpointed(state), {"step": s + 1, "data": data_state})
                     saved = s + 1
             if pending is not None:
                 handle(*pending)
@@ -332,19 +343,19 @@ def _train(run_cfg: RunConfig, out: _RunDir, init_from, log, main_process: bool)
                 status = f"interrupted by {sig.got}"
                 step_now = int(jax.device_get(state["step"]))
                 if saved != step_now:  # the signal came between the check after a step and the next step
-                    ckpt.save(step_now, state, {"step": step_now, "data": it.get_state()})
+                    ckpt.save(step_now, lora_run.checkpointed(state), {"step": step_now, "data": it.get_state()})
         finally:
             ckpt.close()
             writer.close()
             if bar is not None:
                 bar.close()
         step_done = int(jax.device_get(state["step"]))
-        samples = _samples(model, cfg, state["params"], data, run_cfg, layout) if status == "done" else []
+        samples = _samples(model, cfg, train_params(state), data, run_cfg, layout) if status == "done" else []
     if status == "done" and main_process:
         jmetrics.plot_losses(run_dir, data.unigram_entropy)
     return {"status": status, "step": step_done, "train_loss": last["loss"], "eval_loss": last["eval_loss"],
             "unigram_entropy": data.unigram_entropy, "wall_s": time.time() - t_start, "samples": samples,
-            "skipped": int(jax.device_get(state["skipped"])), "run_dir": str(run_dir), "params": state["params"],
+            "skipped": int(jax.device_get(state["skipped"])), "run_dir": str(run_dir), "params": train_params(state),
             "model": model, "tokenizer": data.tokenizer}
 
 

@@ -103,6 +103,14 @@ def state_shardings(model, cfg: ModelConfig, run_cfg: RunConfig, optimizer, mesh
     return abstract, shardings
 
 
+def lora_frozen(cfg: ModelConfig, run_cfg: RunConfig, base: dict, shardings: dict) -> dict:
+    """state["frozen"] of a LoRA run: the base plus the adapters' fixed lora_scale / lora_dropout (placed as
+    `shardings["frozen"]` says). A resumed run rebuilds it from the base, as checkpoints do not hold it."""
+    from jaxtx import lora
+    extra = _adapters(cfg, run_cfg, _lora_rng(run_cfg))[1]
+    return lora.combine(base, jax.device_put(extra, lora.adapters(shardings["frozen"])))
+
+
 def _lora_state_shardings(cfg, run_cfg, optimizer, mesh, abs_params, p_sh) -> tuple[dict, dict]:
     from jaxtx import lora
     trainable, extra = _adapters(cfg, run_cfg, _lora_rng(run_cfg))
@@ -143,10 +151,8 @@ def init_train_state(model, cfg: ModelConfig, run_cfg: RunConfig, optimizer, mes
         if base is None:
             args, kw = init_call(cfg)
             base = shd.init_sharded(model, rng, mesh, rules, *args, **kw)
-        trainable, extra = _adapters(cfg, run_cfg, _lora_rng(run_cfg))
-        frozen = lora.combine(jax.device_put(lora.strip(base), base_sh),
-                              jax.device_put(extra, lora.adapters(sh["frozen"])))
-        trainable = jax.device_put(trainable, sh["params"])
+        trainable = jax.device_put(_adapters(cfg, run_cfg, _lora_rng(run_cfg))[0], sh["params"])
+        frozen = lora_frozen(cfg, run_cfg, jax.device_put(lora.strip(base), base_sh), sh)
         return {"step": jax.device_put(jnp.zeros((), jnp.int32), sh["step"]),
                 "skipped": jax.device_put(jnp.zeros((), jnp.int32), sh["skipped"]),
                 "params": trainable, "opt_state": shd.init_opt_state(optimizer, trainable, sh["params"]),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from train_helpers import run_cfg
 
 from jaxtx import lora
@@ -139,3 +140,31 @@ def test_adapter_learns_what_the_frozen_base_cannot():
     acc, base_acc, loss, _, _ = learn_permutation([*LORA, "lora.r=8"])
     assert base_acc < 0.1  # a random base: chance is 1/32
     assert acc > 0.95, (acc, base_acc, loss)
+
+
+def test_run_dir_keeps_adapters_only_and_refuses_another_base(tmp_path):
+    """A LoRA run through jaxtx.train: checkpoints hold the adapters and their optimizer state (no base), the run dir
+    records the base, a resume continues from the adapters, and a resume on a different base is refused."""
+    import json
+
+    import orbax.checkpoint as ocp
+
+    from jaxtx.config import ConfigError
+    from jaxtx.train.loop import train
+    out = tmp_path / "run"
+    args = [*LORA, "data.source=synthetic", "train.batch_size=4", "train.steps=4", "train.ckpt_every=2",
+            "train.eval_every=0", "train.progress=false", "train.samples=0", "train.async_ckpt=false",
+            "train.log_every=1", f"out_dir={out}"]
+    res = train(run_cfg(args), log=lambda *a, **k: None)
+    assert res["status"] == "done" and lora.has_lora(res["params"])
+    state = ocp.PyTreeCheckpointer().restore(out.absolute() / "checkpoints" / "4" / "state")
+    assert "frozen" not in state
+    names = {str(getattr(p[-1], "key", p[-1])) for p, _ in jax.tree_util.tree_leaves_with_path(state["params"])}
+    assert names == {"lora_a", "lora_b"}
+    ref = json.loads((out / "lora_base.json").read_text())
+    assert ref["source"].startswith("random init") and len(ref["fingerprint"]) == 64
+    res2 = train(run_cfg([*args[:-4], "train.steps=6", *args[-3:]]), log=lambda *a, **k: None)
+    assert res2["step"] == 6
+    (out / "lora_base.json").write_text(json.dumps({**ref, "fingerprint": "0" * 64}))
+    with pytest.raises(ConfigError, match="trained on the base"):
+        train(run_cfg([*args[:-4], "train.steps=8", *args[-3:]]), log=lambda *a, **k: None)
