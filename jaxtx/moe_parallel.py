@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxtx.config import ConfigError, ModelConfig, expert_capacity
+from jaxtx.layers.ffn import expert_ffn
 from jaxtx.sharding import Rules, _context, logical_to_spec
 
 
@@ -75,12 +76,10 @@ def _local(x_GTD, w_GTk, e_GTk, weights, cfg: ModelConfig, C: int, X: int, tenso
 
 
 def dispatch_combine(x_BTD, w_BTk, e_BTk, weights: dict, cfg: ModelConfig, mesh=None, rules: Rules | None = None,
-                     expert_fn=None):
+                     expert_fn=expert_ffn):
     """Expert-parallel MoE FFN. x [B,T,D], router weights w [B,T,k] (renormalized), expert ids e [B,T,k], weights
     {"wi_gate"|"wi_up"|"wi": [E,D,F], "wo": [E,F,D]}. Returns (y [B,T,D], dropped_fraction scalar).
     Must run with a mesh in context (jaxtx.sharding.use_mesh) where ep_active() holds."""
-    if expert_fn is None:
-        from jaxtx.layers.moe import expert_ffn as expert_fn  # lazy: layers.moe imports this module
     mesh, rules = _context(mesh, rules)
     X = mesh.shape["expert"]
     B, T, D = x_BTD.shape

@@ -22,3 +22,15 @@ class Mlp(nn.Module):
         h = act(up("wi_gate")) * up("wi_up") if cfg.gated else act(up("wi"))
         h = constrain(h, ("batch", "length", "mlp"))
         return Dense(cfg, (F, D), ("mlp", "embed"), use_bias=cfg.mlp_bias, name="wo")(h)
+
+
+def expert_ffn(x, w, cfg: ModelConfig, matmul):
+    """The same FFN for the E experts of a MoE layer, weights held as arrays {"wi_gate"|"wi_up"|"wi": [E, D, F],
+    "wo": [E, F, D]}; `matmul(x, W[E, in, out])` does the grouping (ragged_dot, or a batched einsum over capacity
+    buffers). Here, not in layers/moe.py, so that jaxtx.moe_parallel can run it without importing the layer."""
+    act = activation(cfg.activation)
+    if cfg.gated:
+        h = act(matmul(x, w["wi_gate"])) * matmul(x, w["wi_up"])
+    else:
+        h = act(matmul(x, w["wi"]))
+    return matmul(h, w["wo"])

@@ -7,8 +7,10 @@ The layer sows, per layer, into the "intermediates" collection:
 - dropped_fraction: share of assignments dropped for lack of capacity (0 in dropless mode).
 `jaxtx.model.moe_aux_loss` weights and sums them.
 
-The expert computation is split into pure functions of (tokens, assignments, weights) so that the expert-parallel
-path (jaxtx.moe_parallel) can run the same code on each device's shard inside shard_map.
+The expert computation is split into pure functions of (tokens, assignments, weights). The expert-parallel path
+(jaxtx.moe_parallel, which this layer calls when an `expert` mesh axis is active) runs the same pieces on each device's
+shard: the expert FFN (jaxtx.layers.ffn.expert_ffn) and the capacity slotting (moe_parallel.capacity_slots). Imports
+flow one way: this layer -> moe_parallel -> layers.ffn.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ import jax.numpy as jnp
 
 from jaxtx import moe_parallel, quant
 from jaxtx.config import ModelConfig, expert_capacity
-from jaxtx.layers.common import activation, constrain, dtype_of, param
+from jaxtx.layers.common import constrain, dtype_of, param
+from jaxtx.layers.ffn import expert_ffn
 
 
 def route(logits_NE, k: int):
@@ -34,16 +37,6 @@ def router_losses(logits_NE, probs_NE, e_Nk, num_experts: int):
     aux = num_experts * jnp.sum(f * jnp.mean(probs_NE, axis=0))
     z = jnp.mean(jnp.square(jax.nn.logsumexp(logits_NE.astype(jnp.float32), axis=-1)))
     return aux, z
-
-
-def expert_ffn(x, w, cfg: ModelConfig, matmul):
-    """The per-expert FFN with `matmul(x, W[E, in, out])` doing the grouping (ragged or batched)."""
-    act = activation(cfg.activation)
-    if cfg.gated:
-        h = act(matmul(x, w["wi_gate"])) * matmul(x, w["wi_up"])
-    else:
-        h = act(matmul(x, w["wi"]))
-    return matmul(h, w["wo"])
 
 
 def experts_dropless(x_ND, w_Nk, e_Nk, weights, cfg: ModelConfig):
@@ -67,17 +60,14 @@ def experts_capacity(x_GTD, w_GTk, e_GTk, weights, cfg: ModelConfig):
     G, T, D = x_GTD.shape
     k, E = e_GTk.shape[-1], cfg.num_experts
     C = expert_capacity(cfg, T)
-    e_GKT = jnp.swapaxes(e_GTk, 1, 2)  # choice-major priority
-    onehot = jax.nn.one_hot(e_GKT.reshape(G, k * T), E, dtype=jnp.int32)  # [G, k*T, E]
-    pos = jnp.sum((jnp.cumsum(onehot, axis=1) - 1) * onehot, axis=-1).reshape(G, k, T)  # slot within its expert
-    keep = pos < C
+    e_GkT, slot, keep = moe_parallel.capacity_slots(e_GTk, E, C)  # the EP path slots the same way
     g = jnp.arange(G)[:, None, None]
     t = jnp.broadcast_to(jnp.arange(T)[None, None, :], (G, k, T))
-    slot = jnp.where(keep, pos, C)  # C is out of range: dropped by mode="drop"
-    buf = jnp.zeros((G, E, C, D), x_GTD.dtype).at[g, e_GKT, slot].set(x_GTD[g, t], mode="drop")
+    # a dropped assignment's slot C is out of range: mode="drop" skips it
+    buf = jnp.zeros((G, E, C, D), x_GTD.dtype).at[g, e_GkT, slot].set(x_GTD[g, t], mode="drop")
     buf = constrain(buf, ("batch", "expert", "capacity", "embed"))
     y_buf = expert_ffn(buf, weights, cfg, lambda a, W: jnp.einsum("GECi,Eio->GECo", a, W))
-    y = jnp.where(keep[..., None], y_buf[g, e_GKT, jnp.minimum(slot, C - 1)], 0)  # [G, k, T, D]
+    y = jnp.where(keep[..., None], y_buf[g, e_GkT, jnp.minimum(slot, C - 1)], 0)  # [G, k, T, D]
     out = jnp.einsum("GkTD,GkT->GTD", y, jnp.swapaxes(w_GTk, 1, 2).astype(y.dtype))
     return out, 1.0 - jnp.mean(keep.astype(jnp.float32))
 
