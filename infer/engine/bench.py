@@ -41,6 +41,9 @@ def register(bench_subparsers) -> None:
     p.add_argument("--shared-prefix", type=integer(0), default=512, help="prefix workload: shared prompt tokens (0: skip)")
     p.add_argument("--prefix-requests", type=integer(2), default=8)
     p.add_argument("--no-static", action="store_true", help="skip the static-batching baseline")
+    p.add_argument("--http", action="store_true", help="also the offline workload through `jaxtx serve` by "
+                                                      "--concurrency streaming openai clients (HTTP overhead)")
+    p.add_argument("--concurrency", type=int, default=64, help="--http: concurrent streams")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 
@@ -171,6 +174,13 @@ def run(args) -> int:
         page_bytes = eng.kv_bytes / num_pages
         row(f"engine offline k={k}", r, r["peak_pages"] * page_bytes)
     eng = engines[args.decode_steps[0]]
+    if args.http:
+        from jaxtx.infer.server.bench import http_bench_model
+        r = http_bench_model(model, params, reqs, concurrency=args.concurrency, engine_args=dict(
+            max_seqs=args.max_seqs, page_size=ps, num_pages=num_pages, max_tokens_per_step=args.max_tokens_per_step,
+            decode_steps=args.decode_steps[0], max_model_len=max_len))
+        tps = row(f"http x{args.concurrency} k={args.decode_steps[0]}", r, 0)
+        print(f"HTTP overhead vs engine offline: {100 * (1 - tps / rows[0][1]):.1f}% of throughput")
     if args.rate > 0:
         gaps = np.random.default_rng(args.seed + 1).exponential(1.0 / args.rate, len(reqs))
         r = run_engine(eng, reqs, np.cumsum(gaps).tolist())

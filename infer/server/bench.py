@@ -57,7 +57,12 @@ def run_direct(args, model, params, reqs, eos):
     engine = Engine(model, params, EngineConfig(max_seqs=args.max_seqs, page_size=args.page_size,
                                                 num_pages=_num_pages(args, reqs),
                                                 max_tokens_per_step=args.max_tokens_per_step,
-                                                decode_steps=args.decode_steps, max_model_len=_max_len(args)))
+                                                decode_steps=args.decode_steps, max_model_len=_max_len(args),
+                                                max_logprobs=0))
+    for p, n in reqs:  # untimed: the first calls of each executable warm up, as for HTTP
+        engine.add_request(p, max_new_tokens=n, eos_id=eos)
+    while engine.has_work():
+        engine.step()
     t0 = time.perf_counter()
     ids = {engine.add_request(p, max_new_tokens=n, eos_id=eos): i for i, (p, n) in enumerate(reqs)}
     first, last, itl, n_out, done = {}, {}, [], 0, 0
@@ -76,16 +81,83 @@ def run_direct(args, model, params, reqs, eos):
     return _summary("direct", time.perf_counter() - t0, list(first.values()), itl, n_out)
 
 
+def _word_tokenizer(vocab: int) -> str:
+    """A tokenizer.json with one word per id (t0 t1 ...): a random-weight model served for benchmarking needs a
+    tokenizer for its text, not a trained one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return tok.to_str()
+
+
+def http_bench_model(model, params, reqs, *, concurrency: int, engine_args: dict, warm: bool = True) -> dict:
+    """`jaxtx bench serve --http`: serve (model, params) with `jaxtx serve` (written to a temporary HF dir with a
+    word-per-id tokenizer, no EOS: every request runs to its max_tokens) and send `reqs` [(prompt ids, max_new)] as
+    streaming completions, `concurrency` at a time. Returns wall, tokens, ttft [s], tpot [s] (engine bench format).
+    engine_args: max_seqs, page_size, num_pages, max_tokens_per_step, decode_steps, max_model_len."""
+    import tempfile
+    from pathlib import Path
+
+    from jaxtx import hf
+    with tempfile.TemporaryDirectory() as d:
+        hf.save(model, params, d)
+        (Path(d) / "tokenizer.json").write_text(_word_tokenizer(model.cfg.vocab_size))
+        with _server(["--hf", d], engine_args, len(reqs)) as base:
+            if warm:  # untimed: the first calls of each executable and the HTTP paths warm up
+                asyncio.run(_http_load(base, "bench", reqs, concurrency))
+            total, ttft, itl, n_out, tpot = asyncio.run(_http_load(base, "bench", reqs, concurrency))
+    return dict(wall=total, tokens=n_out, ttft=ttft, tpot=tpot)
+
+
+class _server:
+    """A `jaxtx serve` subprocess on a free port for the duration of a with-block (yields its base URL)."""
+
+    def __init__(self, src: list, engine_args: dict, n_requests: int):
+        self.cmd = [sys.executable, "-m", "jaxtx", "serve", *src, "--served-model-name", "bench",
+                    "--no-prompt-logprobs", "--max-queue", str(max(512, n_requests)), "--max-logprobs", "0"]
+        for k, v in engine_args.items():
+            self.cmd += [f"--{k.replace('_', '-')}", str(v)]
+
+    def __enter__(self):
+        import httpx
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.proc = subprocess.Popen(self.cmd + ["--port", str(port)], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, env=dict(os.environ), text=True)
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 900
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"jaxtx serve exited with {self.proc.returncode}: "
+                                   f"{self.proc.stdout.read()[-2000:]}")
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    return base
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                raise RuntimeError("jaxtx serve did not start within 900 s")
+            time.sleep(0.5)
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        self.proc.wait(60)
+
+
 async def _http_load(base, name, reqs, concurrency):
     import openai
     client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="bench", max_retries=0, timeout=600)
     sem = asyncio.Semaphore(concurrency)
-    ttft, itl, n_out = [], [], [0]
+    ttft, itl, n_out, tpot = [], [], [0], []
 
     async def one(prompt, n):
         async with sem:
             t0 = time.perf_counter()
-            last = None
+            last = first = None
+            count = 0
             # logprobs=0 only to learn how many tokens each chunk carries (the engine's multi-step decode sends
             # several per event): inter-token latency is a chunk's gap spread over its tokens, as for direct
             stream = await client.completions.create(model=name, prompt=prompt, max_tokens=n, temperature=0,
@@ -98,47 +170,28 @@ async def _http_load(base, name, reqs, concurrency):
                 if k:
                     if last is None:
                         ttft.append(now - t0)
+                        first = now
                     else:
                         itl.extend([(now - last) / k] * k)
                     last = now
+                    count += k
+            if count > 1:
+                tpot.append((last - first) / (count - 1))
 
     t0 = time.perf_counter()
     await asyncio.gather(*(one(p, n) for p, n in reqs))
     total = time.perf_counter() - t0
     await client.close()
-    return total, ttft, itl, n_out[0]
+    return total, ttft, itl, n_out[0], tpot
 
 
-def run_http(args, reqs, name="bench"):
-    import httpx
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    src = ["--hf", args.hf] if args.hf else ["--run", args.run]
-    cmd = [sys.executable, "-m", "jaxtx", "serve", *src, "--port", str(port), "--served-model-name", name,
-           "--max-seqs", str(args.max_seqs), "--page-size", str(args.page_size), "--num-pages",
-           str(_num_pages(args, reqs)), "--max-tokens-per-step", str(args.max_tokens_per_step), "--decode-steps",
-           str(args.decode_steps), "--max-model-len", str(_max_len(args)), "--no-prompt-logprobs",
-           "--max-queue", str(max(512, len(reqs)))]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ), text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"jaxtx serve exited with {proc.returncode}: {proc.stdout.read()[-2000:]}")
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("jaxtx serve did not start within 600 s")
-            time.sleep(0.5)
-        total, ttft, itl, n_out = asyncio.run(_http_load(base, name, reqs, args.concurrency))
-    finally:
-        proc.terminate()
-        proc.wait(60)
+def run_http(args, reqs):
+    engine_args = dict(max_seqs=args.max_seqs, page_size=args.page_size, num_pages=_num_pages(args, reqs),
+                       max_tokens_per_step=args.max_tokens_per_step, decode_steps=args.decode_steps,
+                       max_model_len=_max_len(args))
+    with _server(["--hf", args.hf] if args.hf else ["--run", args.run], engine_args, len(reqs)) as base:
+        asyncio.run(_http_load(base, "bench", reqs, args.concurrency))  # untimed warm-up, as for direct
+        total, ttft, itl, n_out, _ = asyncio.run(_http_load(base, "bench", reqs, args.concurrency))
     return _summary(f"http x{args.concurrency}", total, ttft, itl, n_out)
 
 

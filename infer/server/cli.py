@@ -35,6 +35,8 @@ def register(subparsers) -> None:
                                                                    "(default: the model's max_seq_len)")
     p.add_argument("--max-tokens-per-step", type=int, default=256, help="token budget of one engine step")
     p.add_argument("--decode-steps", type=int, default=8, help="decode steps per jitted loop when nothing waits")
+    p.add_argument("--max-logprobs", type=int, default=20, help="most top alternatives a request may ask for "
+                                                                 "(computed every step; 0 = chosen token only)")
     p.add_argument("--no-prompt-logprobs", action="store_true",
                    help="do not compile the prompt-scoring variant (halves warm-up; echo logprobs then 400)")
     p.add_argument("--int8-kv", action="store_true", help="int8 KV pages")
@@ -99,7 +101,7 @@ def build(args):
     ecfg = EngineConfig(max_seqs=args.max_seqs, page_size=args.page_size, num_pages=num_pages,
                         max_tokens_per_step=args.max_tokens_per_step, max_model_len=max_len,
                         quantize_kv=args.int8_kv, decode_steps=args.decode_steps,
-                        prompt_logprobs=not args.no_prompt_logprobs)
+                        prompt_logprobs=not args.no_prompt_logprobs, max_logprobs=args.max_logprobs)
     t1 = time.perf_counter()
     engine = Engine(model, params, ecfg)
     t2 = time.perf_counter()
