@@ -13,6 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from jaxtx import sizing
 from jaxtx.config import ModelConfig
 
 # Dense bf16 peak FLOP/s per chip (vendor numbers). Matched by substring of device_kind, longest key first.
@@ -59,17 +60,9 @@ def total_peak_flops(devices) -> float:
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Forward + backward FLOPs per token, from jaxtx.sizing when present, else 6N + attention (PaLM appendix B)."""
-    try:
-        from jaxtx import sizing
-        return float(sizing.train_flops_per_token(cfg, seq_len))
-    except (ImportError, AttributeError):
-        D, L, F, V = cfg.d_model, cfg.n_layers, cfg.d_ff, cfg.vocab_size
-        attn = D * cfg.n_heads * cfg.hd * 2 + D * cfg.kv_heads * cfg.hd * 2
-        mlp = D * F * (3 if cfg.gated else 2) * max(1, cfg.experts_per_token if cfg.is_moe else 1)
-        n = L * (attn + mlp) + D * V  # the LM head matmul; embedding lookups are free
-        attn_scores = 2 * 2 * L * cfg.n_heads * cfg.hd * seq_len * (0.5 if cfg.causal else 1.0)
-        return 6.0 * n + 3.0 * attn_scores
+    """Forward + backward FLOPs per token that MFU is measured against: jaxtx.sizing's count (the one `jaxtx info`
+    prints), so the two never disagree."""
+    return float(sizing.train_flops_per_token(cfg, seq_len))
 
 
 def _truncate(path: Path, last_step: int) -> None:
