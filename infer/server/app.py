@@ -239,7 +239,10 @@ def create_app(engine, tokenizer: Tokenizer, config: ServeConfig) -> FastAPI:
                 rid = f"{uuid.uuid4().hex}"
                 choices.append(Choice(p * n + j, rid, tokenizer, ids, stop=req.stop, discard_output=discard))
                 choices[-1].first_of_prompt = j == 0
-                guide = structured.Guide(compiler[0], grammar) if grammar is not None else None
+                try:
+                    guide = structured.Guide(compiler[0], grammar) if grammar is not None else None
+                except structured.GrammarError as e:
+                    raise APIError(400, str(e), param="response_format") from None
                 kw = dict(base_kwargs, seed=(seed0 + j) % 2**32, allowed_tokens=structured.combine(guide, bias_mask))
                 all_ids.append(ids)
                 kwargs.append(kw)
@@ -355,10 +358,14 @@ def create_app(engine, tokenizer: Tokenizer, config: ServeConfig) -> FastAPI:
             messages = [m.for_template() for m in req.messages]
         except ValueError as e:
             raise APIError(400, f"messages: {e}", param="messages") from None
+        extra = req.chat_template_kwargs or {}
+        reserved = sorted(set(extra) & {"messages", "tools", "documents", "add_generation_prompt", "special_tokens"})
+        if reserved:
+            raise APIError(400, f"chat_template_kwargs: {reserved} are set by the server", param="chat_template_kwargs")
         try:
             text = chat_template.render(tokenizer.chat_template, messages,
                                         add_generation_prompt=req.add_generation_prompt,
-                                        special_tokens=tokenizer.template_tokens, **(req.chat_template_kwargs or {}))
+                                        special_tokens=tokenizer.template_tokens, **extra)
         except chat_template.TemplateError as e:
             raise APIError(400, str(e), param="messages") from None
         ids = tokenizer.encode(text, add_special_tokens=False)  # the template wrote the special tokens

@@ -176,6 +176,15 @@ MALFORMED = [
         {"type": "image_url", "image_url": {"url": "x"}}]}]}, 400),
     ("POST", "/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "x"}],
                                       "logit_bias": {"5": 3}}, 400),
+    # past the 20 the real-server test sends
+    ("POST", "/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "x"}],
+                                      "chat_template_kwargs": {"messages": []}}, 400),
+    ("POST", "/v1/chat/completions", b'{"model": "tiny-chat", "messages": [{"role": "user", "content": "x"}], '
+                                     b'"temperature": NaN}', 400),
+    ("POST", "/v1/completions", {"model": NAME, "prompt": "x", "max_tokens": 0}, 400),  # 0 only with echo
+    ("POST", "/v1/completions", {"model": NAME, "prompt": "x", "suffix": "y"}, 400),
+    ("POST", "/v1/completions", {"model": NAME, "prompt": "x", "logit_bias": {"-5": -100}}, 400),
+    ("POST", "/v1/completions", {"model": NAME, "prompt": "x", "stream_options": {"include_usage": True}}, 400),
 ]
 
 
