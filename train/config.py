@@ -174,13 +174,14 @@ class RunConfig:
 
 
 LORA_TYPES = {"r": int, "alpha": float, "dropout": float, "target_modules": (list, str), "rslora": bool,
-              "rank_pattern": dict, "alpha_pattern": dict}
+              "rank_pattern": dict, "alpha_pattern": dict, "quantize": str}
 
 
 def lora_section_dict(lc) -> dict:
     return {"r": lc.r, "alpha": lc.alpha, "dropout": lc.dropout,
             "target_modules": lc.target_modules if isinstance(lc.target_modules, str) else list(lc.target_modules),
-            "rslora": lc.rslora, "rank_pattern": dict(lc.rank_pattern), "alpha_pattern": dict(lc.alpha_pattern)}
+            "rslora": lc.rslora, "rank_pattern": dict(lc.rank_pattern), "alpha_pattern": dict(lc.alpha_pattern),
+            "quantize": lc.quantize}
 
 
 def _lora_section(values: dict):
@@ -192,9 +193,12 @@ def _lora_section(values: dict):
         tp = LORA_TYPES[k]
         if tp is float and isinstance(v, int) and not isinstance(v, bool):
             v = float(v)
+        if v is None and k == "quantize":
+            continue
         if not isinstance(v, tp) or (tp in (int, float) and isinstance(v, bool)):
             want = {int: "an integer", float: "a number", bool: "true or false", dict: "a mapping {name: value}",
-                    (list, str): "a list of module names, a regex or 'all-linear'"}[tp]
+                    (list, str): "a list of module names, a regex or 'all-linear'",
+                    str: "a quantization scheme such as nf4 (QLoRA)"}[tp]
             raise ConfigError(f"lora.{k}={v!r}: expected {want}")
         clean[k] = v
     return LoraConfig(**clean)

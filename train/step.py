@@ -90,7 +90,7 @@ def state_shardings(model, cfg: ModelConfig, run_cfg: RunConfig, optimizer, mesh
     args, kw = init_call(cfg)
     abs_params, p_sh = shd.param_shardings(model, mesh, rules, *args, **kw)
     if getattr(run_cfg, "lora", None) is not None:
-        return _lora_state_shardings(cfg, run_cfg, optimizer, mesh, abs_params, p_sh)
+        return _lora_state_shardings(model, cfg, run_cfg, optimizer, mesh, rules, abs_params, p_sh)
     o_sh = shd.opt_state_shardings(optimizer, abs_params, p_sh)
     abs_opt = jax.eval_shape(optimizer.init, abs_params)
     abs_opt = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_opt, o_sh)
@@ -106,13 +106,29 @@ def state_shardings(model, cfg: ModelConfig, run_cfg: RunConfig, optimizer, mesh
 def lora_frozen(cfg: ModelConfig, run_cfg: RunConfig, base: dict, shardings: dict) -> dict:
     """state["frozen"] of a LoRA run: the base plus the adapters' fixed lora_scale / lora_dropout (placed as
     `shardings["frozen"]` says). A resumed run rebuilds it from the base, as checkpoints do not hold it."""
-    from jaxtx import lora
+    import functools
+
+    from jaxtx import lora, quant
+    base_sh = lora.strip(shardings["frozen"])
+    if run_cfg.lora.quantize and not any(quant.is_quantized(x) for x in jax.tree.leaves(
+            base, is_leaf=quant.is_quantized)):  # QLoRA: quantized where it lies, never gathered
+        from jaxtx.lora.qlora import quantize_base
+        base = jax.jit(functools.partial(quantize_base, scheme_text=run_cfg.lora.quantize), out_shardings=base_sh)(base)
+    else:
+        base = jax.device_put(base, base_sh)
     extra = _adapters(cfg, run_cfg, _lora_rng(run_cfg))[1]
     return lora.combine(base, jax.device_put(extra, lora.adapters(shardings["frozen"])))
 
 
-def _lora_state_shardings(cfg, run_cfg, optimizer, mesh, abs_params, p_sh) -> tuple[dict, dict]:
+def _lora_state_shardings(model, cfg, run_cfg, optimizer, mesh, rules, abs_params, p_sh) -> tuple[dict, dict]:
     from jaxtx import lora
+    if run_cfg.lora.quantize:  # QLoRA: the frozen base as QTensors, sharded component by component
+        from jaxtx import quant
+        from jaxtx.lora.qlora import quantize_base
+        plain = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abs_params)
+        q_abs = jax.eval_shape(lambda p: quantize_base(p, run_cfg.lora.quantize), plain)
+        p_sh = quant.shardings(model, q_abs, mesh, rules)
+        abs_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), q_abs, p_sh)
     trainable, extra = _adapters(cfg, run_cfg, _lora_rng(run_cfg))
     a_sh = lora.adapter_shardings(lora.combine(trainable, extra), p_sh)
     t_sh, e_sh = lora.split(a_sh)
@@ -146,13 +162,12 @@ def init_train_state(model, cfg: ModelConfig, run_cfg: RunConfig, optimizer, mes
         params = jax.device_put(params, sh["params"])
     if "frozen" in sh:  # LoRA: `params` above is the frozen base; the adapters are what trains
         from jaxtx import lora
-        base_sh = lora.strip(sh["frozen"])
-        base = params if params is not None else None
+        base = params
         if base is None:
             args, kw = init_call(cfg)
             base = shd.init_sharded(model, rng, mesh, rules, *args, **kw)
         trainable = jax.device_put(_adapters(cfg, run_cfg, _lora_rng(run_cfg))[0], sh["params"])
-        frozen = lora_frozen(cfg, run_cfg, jax.device_put(lora.strip(base), base_sh), sh)
+        frozen = lora_frozen(cfg, run_cfg, lora.strip(base), sh)
         return {"step": jax.device_put(jnp.zeros((), jnp.int32), sh["step"]),
                 "skipped": jax.device_put(jnp.zeros((), jnp.int32), sh["skipped"]),
                 "params": trainable, "opt_state": shd.init_opt_state(optimizer, trainable, sh["params"]),

@@ -48,6 +48,7 @@ class LoraConfig:
     rslora: bool = False
     rank_pattern: tuple = ()  # ((key, r), ...): a tuple of pairs so the config stays hashable
     alpha_pattern: tuple = ()
+    quantize: Optional[str] = None  # QLoRA (training): quantize the frozen base, e.g. "nf4", "nf4-dq", "int8"
 
     def __post_init__(self):
         if isinstance(self.target_modules, list):
@@ -72,6 +73,13 @@ class LoraConfig:
         elif not tm or not all(isinstance(t, str) and t for t in tm):
             raise ConfigError(f"lora.target_modules={tm!r}: expected a non-empty list of module names, a regex "
                               "string or 'all-linear'")
+        if self.quantize is not None:
+            from jaxtx import quant
+            try:
+                quant.parse_scheme(self.quantize)
+            except ValueError:
+                raise ConfigError(f"lora.quantize={self.quantize!r}: expected int8, fp8, int4[-gN] or nf4[-gN][-dq] "
+                                  "(or null for a float base)") from None
         for name, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
             for k, v in getattr(self, name):
                 if not isinstance(k, str) or not isinstance(v, kind) or isinstance(v, bool) or v <= 0:
@@ -360,7 +368,8 @@ def merge(model, params: dict) -> dict:
 
 
 def merge_report(model, params: dict) -> tuple[dict, dict]:
-    """(merged params, {module path: max |requantized - exact merged| } for quantized kernels, empty otherwise)."""
+    """(merged params, {module path: error requantization added, relative to the kernel's max |value|} for quantized
+    kernels; empty for a float base)."""
     report = {}
 
     def walk(tree, prefix):
@@ -381,7 +390,8 @@ def merge_report(model, params: dict) -> tuple[dict, dict]:
 
 def _merge_kernel(kernel, d):
     """(kernel + d in the kernel's own format, extra requantization error or None for a float kernel)."""
-    if hasattr(kernel, "dtype") and not isinstance(kernel, dict):
+    from jaxtx import quant
+    if not quant.is_quantized(kernel):
         return (kernel.astype(jnp.float32) + d).astype(kernel.dtype), None
     from jaxtx.lora.qlora import merge_quantized
     return merge_quantized(kernel, d)
@@ -397,6 +407,8 @@ def adapter_shardings(adapter_tree: dict, base_shardings: dict) -> dict:
         out = {k: walk(v, sh[k]) for k, v in ad.items() if isinstance(v, dict)}
         if "lora_a" in ad:
             ks = sh["kernel"]
+            if not hasattr(ks, "spec"):  # a quantized kernel's shardings (a QTensor of them): adapters replicated
+                ks = NamedSharding(jax.tree.leaves(ks)[0].mesh, P())
             n_stack = jnp.ndim(ad["lora_scale"])
             n_in = jnp.ndim(ad["lora_a"]) - n_stack - 1
             n_out = jnp.ndim(ad["lora_b"]) - n_stack - 1
