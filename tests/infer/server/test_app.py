@@ -250,3 +250,26 @@ def test_one_finish_chunk_per_choice_when_events_outrun_a_stop(tok):
         assert sorted(ends) == [0, 1]
         for i in (0, 1):
             assert "".join(c.choices[0].text for c in chunks if c.choices[0].index == i) == full[:full.find(full[4:6])]
+
+
+def test_random_field_values_never_500(served):
+    """Seeded fuzz: each known field set to a value of a random type; every answer is < 500 and well-formed."""
+    _, http, _ = served
+    rng = np.random.default_rng(0)
+    values = [None, True, -1, 0, 3, 10 ** 12, -2.5, 0.5, "", "x", "\u00e9\U0001F600", [], [1, 2], ["a"], [[1]],
+              {}, {"type": "json_object"}, {"a": 1}]
+    fields = ["prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stop", "seed", "logprobs",
+              "echo", "stream", "logit_bias", "response_format", "presence_penalty", "repetition_penalty", "user",
+              "stream_options", "best_of", "messages", "top_logprobs", "max_completion_tokens",
+              "chat_template_kwargs"]
+    for i in range(150):
+        chat = i % 2 == 1
+        body = {"model": NAME, "max_tokens": 3}
+        body.update({"messages": [{"role": "user", "content": "hi"}]} if chat else {"prompt": "hi"})
+        for f in rng.choice(fields, size=int(rng.integers(1, 4)), replace=False):
+            body[str(f)] = values[int(rng.integers(len(values)))]
+        r = http.post("/v1/chat/completions" if chat else "/v1/completions", json=body)
+        assert r.status_code < 500, (body, r.status_code, r.text)
+        if r.status_code >= 400:
+            assert r.json()["error"]["message"], body
+    assert http.get("/health").status_code == 200
