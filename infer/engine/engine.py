@@ -12,6 +12,7 @@ from other threads; step is called from one thread.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -71,10 +72,14 @@ def _set_penalty_row(state, slot, seen_V, counts_V):
 
 
 class Engine:
-    def __init__(self, model, params, config: EngineConfig = EngineConfig(), *, cache=None, warmup: bool = True):
+    def __init__(self, model, params, config: EngineConfig = EngineConfig(), *, cache=None, warmup: bool = True,
+                 mesh=None, rules=None):
         """model, params: a decoder-only jaxtx model (any layout; unrolled decodes faster, see for_decoding).
         cache: a pre-built paged cache (default: PagedKVCache.init(model.cfg, num_pages, page_size)).
-        warmup: compile every bucket now (else call `warmup()` before serving; nothing compiles afterwards)."""
+        warmup: compile every bucket now (else call `warmup()` before serving; nothing compiles afterwards).
+        mesh, rules: the mesh and logical rules the params are sharded with (jaxtx.sharding); the pages are then
+        split over kv heads like the K/V projections, the rest of the engine state is replicated, and every step
+        runs under the mesh."""
         if not isinstance(config, EngineConfig):
             raise ValueError(f"Engine: config={config!r}; expected an EngineConfig")
         mcfg = model.cfg
@@ -97,6 +102,11 @@ class Engine:
             cache = PagedKVCache.init(mcfg, config.num_pages, config.page_size, quantize=config.quantize_kv)
         R, V = config.max_seqs, mcfg.vocab_size
         self.state = step_lib.DeviceState(cache, jnp.zeros((R, V), bool), jnp.zeros((R, V), jnp.int32))
+        if (mesh is None) != (rules is None):
+            raise ValueError("Engine: pass mesh and rules together (the ones the params are sharded with)")
+        self._mesh = (mesh, rules)
+        if mesh is not None:
+            self.state = _place(self.state, mesh, rules)
         self.kv_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(cache))
         self._step, self._loop = _jitted(model)
         self._lock = threading.Lock()
@@ -123,7 +133,8 @@ class Engine:
                 self._run_loop(self._empty_inputs(N), np.full((cfg.max_seqs, MAX_DEVICE_STOP_IDS), -1, np.int32),
                                np.zeros(cfg.max_seqs, np.int32))
         seen = np.zeros(self.vocab_size, bool)
-        self.state = _set_penalty_row(self.state, np.int32(0), seen, np.zeros(self.vocab_size, np.int32))
+        with self._under_mesh():
+            self.state = _set_penalty_row(self.state, np.int32(0), seen, np.zeros(self.vocab_size, np.int32))
         self._warm = True
 
     def compiled(self) -> int:
@@ -273,7 +284,8 @@ class Engine:
         seen = np.zeros(self.vocab_size, bool)
         seen[req.all_tokens] = True
         counts = np.bincount(np.asarray(req.output, np.int64), minlength=self.vocab_size).astype(np.int32)
-        self.state = _set_penalty_row(self.state, np.int32(req.slot), seen, counts)
+        with self._under_mesh():
+            self.state = _set_penalty_row(self.state, np.int32(req.slot), seen, counts)
 
     def _emit(self, req: Request, toks, lps, top_ids, top_lps) -> Event:
         """Append sampled tokens to req (stopping at the first stop condition) -> its event."""
@@ -359,15 +371,22 @@ class Engine:
                              f"packed int32 words (ceil(vocab_size / 32))")
         return mask.astype(np.uint32).view(np.int32) if mask.dtype != np.int32 else mask
 
+    def _under_mesh(self):
+        from jaxtx import sharding
+        mesh, rules = self._mesh
+        return contextlib.nullcontext() if mesh is None else sharding.use_mesh(mesh, rules)
+
     def _run_single(self, inp, all_logits):
-        self.state, out = self._step(self.params, self.state, inp, all_logits=all_logits,
-                                     n_top=self.config.max_logprobs)
+        with self._under_mesh():
+            self.state, out = self._step(self.params, self.state, inp, all_logits=all_logits,
+                                         n_top=self.config.max_logprobs)
         return out
 
     def _run_loop(self, inp, stop_ids, remaining):
         cfg = self.config
-        self.state, out = self._loop(self.params, self.state, inp, stop_ids, remaining, steps=cfg.decode_steps,
-                                     n_top=cfg.max_logprobs, page_size=cfg.page_size)
+        with self._under_mesh():
+            self.state, out = self._loop(self.params, self.state, inp, stop_ids, remaining, steps=cfg.decode_steps,
+                                         n_top=cfg.max_logprobs, page_size=cfg.page_size)
         return out
 
     # ------------------------------------------------------------------------------------------------ decode loop
@@ -440,6 +459,25 @@ class Engine:
             lps.append(l[:k])
             reasons.append(done[i].finish_reason)
         return Generation(toks, reasons, lps if return_logprobs else None)
+
+
+def _place(state, mesh, rules):
+    """Pages split over kv heads (the axis before [P, page_size, Hd] of K/V, before [P, page_size] of scales) as the
+    rules split the K/V projections; everything else replicated."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from jaxtx import sharding
+
+    def one(path, a):
+        name = "/".join(str(getattr(k, "name", getattr(k, "key", k))) for k in path)
+        if "cache" not in name or a.ndim < 3:
+            return jax.device_put(a, NamedSharding(mesh, PartitionSpec()))
+        head = a.ndim - (3 if "scale" in name else 4)
+        names = [None] * a.ndim
+        names[head] = "kv_heads"
+        spec = sharding.logical_to_spec(names, rules, mesh, shape=a.shape, what=f"engine page pool {name}")
+        return jax.device_put(a, NamedSharding(mesh, spec))
+    return jax.tree_util.tree_map_with_path(one, state)
 
 
 def _stop_seqs(stop, eos_id, vocab_size: int) -> list:

@@ -143,3 +143,20 @@ def test_scanned_layers_and_prefix_cache_hits_match_generate():
     assert eng.generate(ps, max_new_tokens=7).tokens == ref
     assert eng.stats()["prefix_cached_tokens"] - before >= 4 * 12
     assert_pool_free(eng)
+
+
+def test_sharded_params_over_a_tensor_mesh():
+    """Params split over a 2-way tensor axis (kv heads 2 -> one per device): the pages follow, tokens unchanged."""
+    from jaxtx import model as M
+    from jaxtx import sharding as S
+    model, _ = small_model("llama", ("vocab_size=98",))  # the vocab splits over tensor too
+    mesh = S.make_mesh(S.MeshConfig(tensor=2), devices=jax.devices()[:2])
+    rules = S.rules_for("tp")
+    sharded = S.init_sharded(model, jax.random.key(0), mesh, rules, *M.dummy_inputs(model.cfg))
+    eng = Engine(model, sharded, config(decode_steps=2, max_logprobs=0), mesh=mesh, rules=rules)
+    k0 = eng.state.cache.k if eng.state.cache.stacked else eng.state.cache.k[0]
+    assert len(k0.sharding.device_set) == 2 and k0.addressable_shards[0].data.shape[-4] == 1
+    ps = prompts(np.random.default_rng(6), 5)
+    ref = generate(model, jax.device_get(sharded), ps, max_new_tokens=8).tokens  # unsharded, same weights
+    assert eng.generate(ps, max_new_tokens=8).tokens == ref
+    assert_pool_free(eng)
