@@ -38,6 +38,8 @@ def register_generate(subparsers) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", metavar="RUN_DIR", help="a jaxtx run dir (config.yaml, tokenizer, checkpoints)")
     src.add_argument("--hf", metavar="HF_DIR", help="a Hugging Face model directory (config.json + safetensors)")
+    p.add_argument("--lora", metavar="ADAPTER_DIR", help="a PEFT LoRA adapter (adapter_config.json + "
+                   "adapter_model.safetensors) applied unmerged over the base")
     p.add_argument("--step", type=integer(minimum=0), default=None, help="checkpoint step of --run (default: latest)")
     inp = p.add_mutually_exclusive_group(required=True)
     inp.add_argument("--prompt", help="prompt text")
@@ -195,6 +197,11 @@ def run(args) -> int:
     from jaxtx.infer import loading
 
     loaded = loading.load_run(args.run, args.step) if args.run else loading.load_hf(args.hf)
+    if args.lora:  # the adapter sits beside the base kernels; the model itself is unchanged
+        import dataclasses
+
+        from jaxtx.lora import load_peft
+        loaded = dataclasses.replace(loaded, params=load_peft(loaded.model, loaded.params, args.lora)[1])
     if getattr(loaded, "note", None):
         print(f"jaxtx generate: note: {loaded.note}", file=sys.stderr)
     from jaxtx.infer.generation import for_decoding

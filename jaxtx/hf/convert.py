@@ -178,6 +178,9 @@ def add_convert_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--to", required=True, metavar="DIR",
                         help="output directory: new or empty (a non-empty one needs --force); never the source")
     parser.add_argument("--to-hf", action="store_true", help="write an HF directory (with --from-jaxtx)")
+    parser.add_argument("--lora", metavar="ADAPTER_DIR", help="a PEFT LoRA adapter over the source model: with "
+                        "--merge folded into the written weights, else re-written beside them in --to/adapter/")
+    parser.add_argument("--merge", action="store_true", help="with --lora: merge the adapter into the weights")
     parser.add_argument("--force", action="store_true",
                         help="replace a non-empty --to that holds a model (HF or jaxtx; never a training run). The "
                              "old folder is deleted only after the new one is complete")
@@ -194,6 +197,21 @@ def _check_source_kind(src: Path, flag: str) -> None:
                                 "--from-jaxtx")
 
 
+def _lora(model, params, args):
+    """(params to write, fn(tmp) writing what goes beside them) for --lora [--merge]."""
+    if not getattr(args, "lora", None):
+        return params, lambda tmp: None
+    from jaxtx import lora
+    _, with_adapter = lora.load_peft(model, params, args.lora)
+    if args.merge:
+        merged, report = lora.merge_report(model, with_adapter)
+        if report:
+            print(f"merged into a quantized base: requantization error up to {max(report.values()):.3g} of a "
+                  "kernel's max |value|", file=sys.stderr)
+        return merged, lambda tmp: None
+    return params, lambda tmp: lora.save_peft(model, with_adapter, Path(tmp) / "adapter")
+
+
 def convert_main(args: argparse.Namespace) -> int:
     """`jaxtx convert --from-hf DIR --to DIR` or `jaxtx convert --from-jaxtx DIR --to-hf --to DIR`."""
     from jaxtx import hf  # the package imports this module; hf.save_jaxtx etc. are looked up at call time
@@ -203,16 +221,21 @@ def convert_main(args: argparse.Namespace) -> int:
         raise HFConversionError("--from-hf writes a jaxtx directory; drop --to-hf")
     if args.from_jaxtx and not args.to_hf:
         raise HFConversionError("--from-jaxtx needs --to-hf (the only target format)")
+    if getattr(args, "merge", False) and not getattr(args, "lora", None):
+        raise HFConversionError("--merge needs --lora ADAPTER_DIR (the adapter to merge)")
     s, d = check_paths(src, args.to, flag, getattr(args, "force", False))
     _check_source_kind(s, flag)
     try:
         if args.from_hf:
             model, params = hf.load(s, scan_layers=True)
-            replaced = write_folder(d, lambda tmp: hf.save_jaxtx(model.cfg, params, tmp, hf_dir=s))
+            params, add = _lora(model, params, args)
+            replaced = write_folder(d, lambda tmp: (hf.save_jaxtx(model.cfg, params, tmp, hf_dir=s), add(tmp)))
             what = f"jaxtx {hf.family_of(model.cfg)} model ({model.cfg.n_layers} layers)"
         else:
             cfg, params = hf.load_jaxtx(s)
-            replaced = write_folder(d, lambda tmp: hf.save(cfg, params, tmp))
+            import jaxtx.model
+            params, add = _lora(jaxtx.model.build(cfg), params, args)
+            replaced = write_folder(d, lambda tmp: (hf.save(cfg, params, tmp), add(tmp)))
             what = f"HF {hf.family_of(cfg)} model"
     except OSError as e:  # disk full, read-only, permissions: a one-line message, and the promise that holds
         raise HFConversionError(f"{e.filename or args.to}: {e.strerror or e}; --to {args.to} is unchanged") from e

@@ -1,0 +1,56 @@
+"""`jaxtx convert --lora DIR [--merge]` and `jaxtx generate --lora DIR` against the PEFT fixtures."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+import jaxtx.hf as hf
+import jaxtx.model as M
+from jaxtx.cli import main
+from jaxtx.lora import load_peft
+
+FIX = Path(__file__).resolve().parent.parent / "fixtures"
+
+
+def test_convert_merge_gives_peft_logits(tmp_path):
+    assert main(["convert", "--from-hf", str(FIX / "hf" / "llama"), "--lora", str(FIX / "peft" / "llama"), "--merge",
+                 "--to", str(tmp_path / "merged")]) == 0
+    exp = np.load(FIX / "peft" / "llama" / "expected.npz")
+    cfg, params = hf.load_jaxtx(tmp_path / "merged")
+    logits = M.build(cfg).apply({"params": params}, jnp.asarray(exp["input_ids"]))
+    np.testing.assert_allclose(np.asarray(logits), exp["logits"], atol=1e-4, rtol=1e-4)
+
+
+def test_convert_without_merge_writes_the_adapter_beside(tmp_path):
+    assert main(["convert", "--from-hf", str(FIX / "hf" / "llama"), "--lora", str(FIX / "peft" / "llama"),
+                 "--to", str(tmp_path / "out")]) == 0
+    cfg, base = hf.load_jaxtx(tmp_path / "out")
+    model = M.build(cfg)
+    _, params = load_peft(model, base, tmp_path / "out" / "adapter")
+    exp = np.load(FIX / "peft" / "llama" / "expected.npz")
+    np.testing.assert_allclose(np.asarray(model.apply({"params": params}, jnp.asarray(exp["input_ids"]))),
+                               exp["logits"], atol=1e-4, rtol=1e-4)
+
+
+def test_convert_merge_without_lora_is_refused(tmp_path, capsys):
+    code = main(["convert", "--from-hf", str(FIX / "hf" / "llama"), "--merge", "--to", str(tmp_path / "x")])
+    assert code != 0 and "--merge needs --lora" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_generate_with_lora_is_greedy_of_base_plus_adapter(capsys):
+    """The adapter changes the greedy continuation, and it is the one of the merged model."""
+    args = ["generate", "--hf", str(FIX / "hf" / "llama"), "--prompt-ids", "5,6,7,8", "--max-new-tokens", "6"]
+    assert main(args) == 0
+    base_out = capsys.readouterr().out.strip()
+    assert main([*args, "--lora", str(FIX / "peft" / "llama")]) == 0
+    lora_out = capsys.readouterr().out.strip()
+    assert lora_out != base_out
+    model, base = hf.load(FIX / "hf" / "llama")
+    _, params = load_peft(model, base, FIX / "peft" / "llama")
+    ids = [5, 6, 7, 8]
+    for _ in range(6):
+        ids.append(int(jnp.argmax(model.apply({"params": params}, jnp.asarray([ids]))[0, -1])))
+    assert lora_out.split() == [str(i) for i in ids[4:]]
