@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
 from typing import Callable, Optional
 
 from jaxtx.infer.engine.config import EngineConfig
@@ -46,7 +45,6 @@ class Request:
     admitted: bool = False  # admitted at least once (cached_tokens is final)
     slot: int = -1
     row_set: bool = False  # its penalty row on device holds its tokens (reset when it loses its slot)
-    order: int = -1  # admission counter (preemption picks the largest)
     prompt_lp: list = dataclasses.field(default_factory=list)
     prompt_lp_sent: bool = False
 
@@ -90,9 +88,8 @@ class Scheduler:
         self.window, self.max_model_len = window, max_model_len
         self.alloc = PageAllocator(config.num_pages, config.page_size)
         self.waiting: collections.deque = collections.deque()
-        self.running: list = []  # admission order
+        self.running: list = []  # admission order: preemption takes from the end
         self.free_slots = list(range(config.max_seqs))[::-1]
-        self._order = itertools.count()
         self.prefix_cached_tokens = 0  # prefix-cache hit tokens over all admissions
         self.preemptions = 0
 
@@ -190,7 +187,6 @@ class Scheduler:
         if not req.admitted:
             req.cached_tokens, req.admitted = cached, True
         req.slot = self.free_slots.pop()
-        req.order = next(self._order)
         self.running.append(req)
         return n
 
