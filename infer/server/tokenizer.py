@@ -300,8 +300,11 @@ class IncrementalDecoder:
         out = text[self.sent:stable] if stable > self.sent else ""
         self.sent = max(self.sent, stable)
         if stable == len(text) and len(self.ids) > self.mark:  # complete: slide the window
-            self.start, self.mark = self.mark, len(self.ids)
-            self.sent = len(self.tok.decode(self.ids[self.start:]))
+            window = self.tok.decode(self.ids[self.mark:])
+            # only onto tokens that already show text: a window starting at tokens without text (special ids, ids
+            # past the tokenizer) would make a later piece its first, and sentencepiece drops that piece's space
+            if window:
+                self.start, self.mark, self.sent = self.mark, len(self.ids), len(window)
         return out
 
     def flush(self) -> str:

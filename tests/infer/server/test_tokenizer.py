@@ -7,16 +7,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxtx.infer.server import tokenizer as T
+from jaxtx.infer.server import tokenizer
 
 FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "server" / "llama_chat"
-TEXTS = ["Hello, world! How are you today?", "Caf\u00e9 cr\u00e8me \u65e5\u672c\u8a9e\u306e\u6587 \U0001F600\U0001F680 ok",
+TEXTS = ["Hello, world! How are you today?",
+         "Caf\u00e9 cr\u00e8me \u65e5\u672c\u8a9e\u306e\u6587 \U0001F600\U0001F680 ok",
          '{"name": "Alice", "tags": ["a"]}\n  indented\tand tabs', "\u00fc\u00fc\u00fc\U0001F600x\U0001F600"]
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return T.load_hf_tokenizer(FIXTURE)
+    return tokenizer.load_hf_tokenizer(FIXTURE)
 
 
 def test_hf_special_tokens_follow_the_tokenizer(tok):
@@ -36,7 +37,7 @@ def test_tokenizer_config_flags_override_post_processor(tmp_path, add_bos, add_e
     conf = json.loads((tmp_path / "tokenizer_config.json").read_text())
     conf.update(add_bos_token=add_bos, add_eos_token=add_eos, eos_token="</s>")
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(conf))
-    tok = T.load_hf_tokenizer(tmp_path)
+    tok = tokenizer.load_hf_tokenizer(tmp_path)
     body = tok.encode("Hello", add_special_tokens=False)
     assert tok.encode("Hello") == [0] * add_bos + body + [1] * add_eos
 
@@ -47,14 +48,14 @@ def test_chat_template_sources(tmp_path):
     conf = json.loads((tmp_path / "tokenizer_config.json").read_text())
     conf["chat_template"] = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(conf))
-    assert T.load_hf_tokenizer(tmp_path).chat_template == "D"
+    assert tokenizer.load_hf_tokenizer(tmp_path).chat_template == "D"
     (tmp_path / "chat_template.jinja").write_text("J")  # the file wins, as in transformers
-    assert T.load_hf_tokenizer(tmp_path).chat_template == "J"
+    assert tokenizer.load_hf_tokenizer(tmp_path).chat_template == "J"
     conf["chat_template"] = [{"name": "tool_use", "template": "T"}]
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(conf))
     (tmp_path / "chat_template.jinja").unlink()
-    with pytest.raises(T.TokenizerError, match="without one named 'default'"):
-        T.load_hf_tokenizer(tmp_path)
+    with pytest.raises(tokenizer.TokenizerError, match="without one named 'default'"):
+        tokenizer.load_hf_tokenizer(tmp_path)
 
 
 def test_token_bytes_concatenate_to_the_text(tok):
@@ -68,7 +69,7 @@ def test_token_bytes_concatenate_to_the_text(tok):
 
 
 def _check_stream(tok, ids, prompt=(), chunks=None):
-    dec = T.IncrementalDecoder(tok, prompt)
+    dec = tokenizer.IncrementalDecoder(tok, prompt)
     rng = np.random.default_rng(len(ids))
     out, i = [], 0
     while i < len(ids):
@@ -91,7 +92,7 @@ def test_incremental_decode_equals_full_decode(tok, chunks):
 
 def test_incremental_decode_flushes_an_incomplete_character(tok):
     ids = tok.encode("ab\U0001F600", add_special_tokens=False)[:-1]  # cut inside the emoji's bytes
-    dec = T.IncrementalDecoder(tok)
+    dec = tokenizer.IncrementalDecoder(tok)
     assert dec.push(ids) == "ab"  # released before the emoji completes
     full = tok.decode(ids)
     assert full.endswith("\ufffd")
@@ -111,7 +112,7 @@ def sp_model(tmp_path_factory):
 
 
 def test_sentencepiece_run_tokenizer(sp_model):
-    tok = T.load_run_tokenizer(sp_model)
+    tok = tokenizer.load_run_tokenizer(sp_model)
     assert tok.encode("the fox")[0] == 3 and tok.eos_ids == (3,)  # run dirs: documents follow an EOS
     for text in TEXTS[:2] + ["the quick brown fox"]:
         ids = tok.encode(text, add_special_tokens=False)
@@ -121,6 +122,9 @@ def test_sentencepiece_run_tokenizer(sp_model):
         want = tok.decode(prompt + ids)[len(tok.decode(prompt)):]
         assert want.strip() == text
         assert _check_stream(tok, ids, prompt) == want
+        # tokens without text (past the tokenizer, control pieces) before a piece that starts with a space
+        gaps = [tok.vocab_size + 3, 3] + ids
+        assert _check_stream(tok, gaps, prompt, chunks=1) == tok.decode(prompt + gaps)[len(tok.decode(prompt)):]
         assert b"".join(tok.token_bytes(i) for i in ids).lstrip(b" ") == text.encode("utf-8")
 
 
@@ -128,17 +132,17 @@ def test_sentencepiece_structured_output(sp_model):
     """llguidance over a sentencepiece vocabulary: random walks under a schema mask parse and validate."""
     import jsonschema
 
-    from jaxtx.infer.server import structured as G
-    tok = T.load_run_tokenizer(sp_model)
+    from jaxtx.infer.server import structured
+    tok = tokenizer.load_run_tokenizer(sp_model)
     schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string", "maxLength": 5}},
               "required": ["a", "b"], "additionalProperties": False}
-    compiler = G.GuideCompiler(tok, tok.vocab_size + 5)  # a padded model vocab
-    grammar = G.json_grammar({"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+    compiler = structured.GuideCompiler(tok, tok.vocab_size + 5)  # a padded model vocab
+    grammar = structured.json_grammar({"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
     rng = np.random.default_rng(0)
     for _ in range(10):
-        guide, ids = G.Guide(compiler, grammar), []
+        guide, ids = structured.Guide(compiler, grammar), []
         while True:
-            allowed = G.unpack(guide(ids), tok.vocab_size + 5)
+            allowed = structured.unpack(guide(ids), tok.vocab_size + 5)
             assert not allowed[tok.vocab_size:].any()
             t = int(rng.choice(np.nonzero(allowed)[0]))
             if t in tok.eos_ids:
