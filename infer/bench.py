@@ -117,16 +117,16 @@ def _jax_runner(model, params, B, T, N, quantize):
     import jax
     import numpy as np
 
-    from jaxtx.infer import generation as G
+    from jaxtx.infer import generation
     from jaxtx.infer.sampling import GREEDY
     rng = np.random.default_rng(0)
     ids = rng.integers(3, model.cfg.vocab_size, (B, T)).astype(np.int32)
     lens, live, seeds = np.full(B, T, np.int32), np.ones(B, bool), np.zeros(B, np.uint32)
     max_len = T + N
-    full = G.generate_program(model)
-    prefill = jax.jit(lambda p, i, l: G.prefill(G.step_fn(model, p), model.cfg, i, l, live, max_new=N,
-                                                max_len=max_len, sampling=GREEDY, want_logprobs=False,
-                                                quantize=quantize).logits.argmax(-1))
+    full = generation.generate_program(model)
+    prefill = jax.jit(lambda p, i, l: generation.prefill(
+        generation.step_fn(model, p), model.cfg, i, l, live, max_new=N, max_len=max_len, sampling=GREEDY,
+        want_logprobs=False, quantize=quantize).logits.argmax(-1))
 
     def ttft():
         prefill(params, ids, lens).block_until_ready()
@@ -170,12 +170,12 @@ def truncated_draft(model, params, n_layers):
     """(draft model, params): the first n_layers of the target, sharing its embeddings, final norm and head."""
     import jax
 
-    from jaxtx import model as M
+    from jaxtx import model as model_lib
     cfg = model.cfg
     if not cfg.scan_layers:
         raise ValueError("--speculative: the self-speculation draft needs a scan_layers model")
     dparams = dict(params, layers=jax.tree.map(lambda a: a[:n_layers], params["layers"]))
-    return M.build(cfg.replace(n_layers=n_layers)), dparams
+    return model_lib.build(cfg.replace(n_layers=n_layers)), dparams
 
 
 def scale_upper_layers(params, n_layers, scale):
@@ -220,13 +220,13 @@ def run(args) -> int:
     import jax
     import numpy as np
 
-    from jaxtx import model as M
+    from jaxtx import model as model_lib
     from jaxtx.config import load_model_config
     cfg = load_model_config(args.config, args.set)
     if cfg.kind != "decoder":
         raise ValueError(f"bench decode: needs a decoder-only config, got kind {cfg.kind!r}")
-    model = M.build(cfg)
-    params = M.init_params(model, jax.random.key(0))
+    model = model_lib.build(cfg)
+    params = model_lib.init_params(model, jax.random.key(0))
     w_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(params))
     bw = measure_bandwidth()
     T, N = args.prompt_len, args.new_tokens

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtx.infer import prompts as P
+from jaxtx.infer import prompts
 
 
 def mean_pool(hidden_BTD, mask_BT, normalize: bool = True):
@@ -33,9 +33,9 @@ def embed(model, params, sentences, *, token_type_ids=None, normalize: bool = Tr
     """Token-id lists (or a padded array; see prompts.as_rows) -> embeddings [B, D] float32 numpy."""
     if model.cfg.kind != "encoder":
         raise ValueError(f"embed: needs an encoder-only model (kind 'encoder'), got kind {model.cfg.kind!r}")
-    rows = P.as_rows(sentences)
-    P.validate(rows, model.cfg.vocab_size, model.cfg.max_seq_len)
-    ids, lens, _ = P.pad_batch(rows, bucket=bucket)
+    rows = prompts.as_rows(sentences)
+    prompts.validate(rows, model.cfg.vocab_size, model.cfg.max_seq_len)
+    ids, lens, _ = prompts.pad_batch(rows, bucket=bucket)
     mask = (np.arange(ids.shape[1])[None] < lens[:, None]).astype(np.int32)
     types = np.zeros_like(ids)
     if token_type_ids is not None:

@@ -49,7 +49,8 @@ CORPUS = [
     '{"name": "Alice", "age": 30, "city": "Paris", "tags": ["a", "b"], "ok": true, "score": 1.5, "none": null}',
     '{"id": 12, "items": [1, 2, 3], "nested": {"key": "value", "flag": false}}',
     "Numbers: 0 1 2 3 4 5 6 7 8 9 10 11 12 100 2024 3.14159 -42",
-    "Caf\u00e9 cr\u00e8me br\u00fbl\u00e9e, na\u00efve fa\u00e7ade, \u00fcber Stra\u00dfe. \u65e5\u672c\u8a9e\u306e\u6587\u7ae0\u3002 "
+    "Caf\u00e9 cr\u00e8me br\u00fbl\u00e9e, na\u00efve fa\u00e7ade, \u00fcber Stra\u00dfe. "
+    "\u65e5\u672c\u8a9e\u306e\u6587\u7ae0\u3002 "
     "\u041f\u0440\u0438\u0432\u0435\u0442 \u043c\u0438\u0440. \U0001F600 \U0001F680 emoji.",
     "You are a helpful assistant. Answer the question briefly and accurately.",
     "system user assistant message content role",
@@ -77,14 +78,14 @@ def build_tokenizer():
 def build_model():
     import jax
 
-    from jaxtx import model as M
+    from jaxtx import model as model_lib
     from jaxtx.config import load_model_config
 
     cfg = load_model_config("tiny", [f"vocab_size={MODEL_VOCAB}", "d_model=32", "n_heads=4", "n_kv_heads=2",
                                      "d_ff=64", "n_layers=2", "init_std=0.3", "max_seq_len=256",
                                      "tie_embeddings=false"])
-    model = M.build(cfg)
-    return model, M.init_params(model, jax.random.key(0))
+    model = model_lib.build(cfg)
+    return model, model_lib.init_params(model, jax.random.key(0))
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtx import model as M
+from jaxtx import model as model_lib
 from jaxtx.config import ModelConfig, load_model_config
 
 SMALL = ["vocab_size=97", "d_model=32", "n_heads=4", "n_kv_heads=2", "d_ff=64", "n_layers=2", "init_std=0.3",
@@ -27,8 +27,8 @@ FAMILIES = {
 @functools.lru_cache(maxsize=None)
 def small_model(family="llama", extra=()):
     cfg = load_model_config("tiny", SMALL + FAMILIES[family] + list(extra))
-    m = M.build(cfg)
-    return m, M.init_params(m, jax.random.key(0))
+    m = model_lib.build(cfg)
+    return m, model_lib.init_params(m, jax.random.key(0))
 
 
 @functools.lru_cache(maxsize=None)

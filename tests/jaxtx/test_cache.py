@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxtx import model as M
+from jaxtx import model as model_lib
 from jaxtx.cache import PER_LAYER, KVCache
 from jaxtx.config import load_model_config
 
@@ -15,8 +15,8 @@ SMALL = dict(vocab_size=97, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, n_laye
 
 def small(**kw):
     cfg = load_model_config("tiny", {**SMALL, **kw})
-    m = M.build(cfg)
-    return cfg, m, M.init_params(m, jax.random.key(0))
+    m = model_lib.build(cfg)
+    return cfg, m, model_lib.init_params(m, jax.random.key(0))
 
 
 def filled(cfg, B=3, S=5, quantize=False):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxtx import model as M
+from jaxtx import model as model_lib
 from jaxtx.cache import KVCache
 from jaxtx.config import load_model_config, preset_names
 from jaxtx.layers import moe as moe_lib
@@ -23,8 +23,8 @@ def small(preset="tiny", **kw):
 
 
 def setup(cfg, seed=0, B=2, T=12):
-    m = M.build(cfg)
-    p = M.init_params(m, jax.random.key(seed))
+    m = model_lib.build(cfg)
+    p = model_lib.init_params(m, jax.random.key(seed))
     ids = jax.random.randint(jax.random.key(seed + 1), (B, T), 0, cfg.vocab_size)
     return m, p, ids
 
@@ -34,8 +34,8 @@ def setup(cfg, seed=0, B=2, T=12):
 def test_eval_shape_every_preset(name):
     """Every preset, 70B and Mixtral included, builds and runs abstractly: shapes without memory."""
     cfg = load_model_config(name)
-    m = M.build(cfg)
-    ab = M.abstract_params(m)
+    m = model_lib.build(cfg)
+    ab = model_lib.abstract_params(m)
     B, T = 2, 16
     ids = jax.ShapeDtypeStruct((B, T), jnp.int32)
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nn.unbox(ab))
@@ -52,7 +52,7 @@ def test_eval_shape_every_preset(name):
 
 def test_every_param_has_logical_axes():
     for name in ["tiny", "mixtral-8x7b", "bert-base", "t5-small", "gpt2"]:
-        ab = M.abstract_params(M.build(load_model_config(name)))
+        ab = model_lib.abstract_params(model_lib.build(load_model_config(name)))
         leaves = jax.tree.leaves(ab, is_leaf=lambda x: isinstance(x, nn.Partitioned))
         for leaf in leaves:
             assert isinstance(leaf, nn.Partitioned), f"{name}: a parameter without logical axes: {leaf}"
@@ -62,7 +62,7 @@ def test_every_param_has_logical_axes():
 # ------------------------------------------------------------------------------------------------ masks by gradients
 def embedding_grads(cfg, ids, t, **kw):
     """|d logits[0, t] / d embedded[0, j]| summed over D, for every j."""
-    m = M.build(cfg)
+    m = model_lib.build(cfg)
     v = m.init(jax.random.key(0), ids)
     p = v["params"]
     pert = jax.tree.map(jnp.zeros_like, v["perturbations"])
@@ -186,19 +186,19 @@ def test_scan_equals_unrolled(preset):
     cfg = small(preset, dropout=0.0)
     m, p, ids = setup(cfg)
     cfg_u = cfg.replace(scan_layers=False)
-    mu = M.build(cfg_u)
-    pu = M.unstack_layers(p)
-    assert jax.tree.structure(pu) == jax.tree.structure(M.init_params(mu, jax.random.key(0)))
+    mu = model_lib.build(cfg_u)
+    pu = model_lib.unstack_layers(p)
+    assert jax.tree.structure(pu) == jax.tree.structure(model_lib.init_params(mu, jax.random.key(0)))
     args = (ids, ids) if cfg.kind == "encoder_decoder" else (ids,)
     np.testing.assert_allclose(m.apply({"params": p}, *args), mu.apply({"params": pu}, *args), atol=1e-5)
-    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), M.stack_layers(pu), p))
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), model_lib.stack_layers(pu), p))
 
 
 @pytest.mark.parametrize("policy", ["full", "dots"])
 def test_remat_same_outputs_and_grads(policy):
     cfg = small()
     m, p, ids = setup(cfg)
-    mr = M.build(cfg.replace(remat=policy))
+    mr = model_lib.build(cfg.replace(remat=policy))
 
     def loss(model, p):
         return jnp.mean(jax.nn.log_softmax(model.apply({"params": p}, ids))[..., 0])
@@ -277,7 +277,7 @@ def test_moe_aux_losses_are_sown_and_balanced_routing_gives_one():
     _, st = m.apply({"params": p}, ids, mutable=["intermediates"])
     inter = st["intermediates"]
     assert jax.tree.leaves(inter["layers"]["moe"]["router_aux_loss"])[0].shape == (cfg.n_layers,)
-    aux = M.moe_aux_loss(inter, cfg)
+    aux = model_lib.moe_aux_loss(inter, cfg)
     assert float(aux) > 0
     probs = jnp.full((8, 4), 0.25)
     e = jnp.array([[0], [1], [2], [3], [0], [1], [2], [3]])

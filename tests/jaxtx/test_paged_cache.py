@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxtx import model as M
+from jaxtx import model as model_lib
 from jaxtx.cache import KVCache
 from jaxtx.config import load_model_config
 from jaxtx.paged_cache import PagedKVCache
@@ -28,8 +28,8 @@ PS, PAGES, MAX_SEQS, N = 4, 24, 4, 16  # page size, pool pages, rows per step, f
 @functools.lru_cache(maxsize=None)
 def small(family, scan):
     cfg = load_model_config("tiny", SMALL + FAMILIES[family] + [f"scan_layers={str(scan).lower()}"])
-    m = M.build(cfg)
-    return cfg, m, M.init_params(m, jax.random.key(0))
+    m = model_lib.build(cfg)
+    return cfg, m, model_lib.init_params(m, jax.random.key(0))
 
 
 def static_logits(cfg, m, p, seq, quantize=False):

@@ -3,7 +3,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxtx import model as M
+from jaxtx import model as model_lib
 from jaxtx import sizing
 from jaxtx.cli import main
 from jaxtx.config import load_model_config, preset_names
@@ -12,13 +12,13 @@ from jaxtx.config import load_model_config, preset_names
 @pytest.mark.parametrize("name", preset_names())
 def test_counts_equal_eval_shape_param_tree(name):
     cfg = load_model_config(name)
-    real = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(M.abstract_params(M.build(cfg))))
+    real = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(model_lib.abstract_params(model_lib.build(cfg))))
     assert sizing.param_counts(cfg).total == real
 
 
 def test_unrolled_and_moe_capacity_variants_count_the_same():
     cfg = load_model_config("mixtral-8x7b", ["n_layers=2", "scan_layers=false", "capacity_factor=1.25"])
-    real = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(M.abstract_params(M.build(cfg))))
+    real = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(model_lib.abstract_params(model_lib.build(cfg))))
     assert sizing.param_counts(cfg).total == real
 
 

@@ -93,9 +93,9 @@ def test_cli_exit_codes(capsys):
 
 
 def test_multislice_mesh_puts_dcn_axis_across_slices():
-    from jaxtx import sharding as S
+    from jaxtx import sharding
     devices = aot.topology_devices(TOPO, num_slices=2)
-    mesh = S.make_mesh(S.MeshConfig(data=1, fsdp=-1, dcn_data=-1), devices=devices)
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=-1, dcn_data=-1), devices=devices)
     assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1, "expert": 1}
     # Only the data axis crosses slices: every fsdp group lives inside one slice (ICI).
     for i, row in enumerate(mesh.devices.reshape(2, 4)):

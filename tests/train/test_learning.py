@@ -2,7 +2,7 @@
 teaches a tiny decoder to reverse digit strings; greedy decoding then solves held-out prompts (>= 99% exact)."""
 from train_helpers import ONE_DEVICE
 
-from jaxtx.train import data as D
+from jaxtx.train import data
 from jaxtx.train.config import load_run_config
 from jaxtx.train.loop import train
 from jaxtx.train.sample import greedy_generate
@@ -14,7 +14,7 @@ def test_reverse_digit_strings_exact_match(tmp_path):
                                   "train.samples=0", "train.eval_every=800", "train.ckpt_every=800",
                                   f"out_dir={tmp_path}"])
     out = train(cfg, log=lambda *a: None)
-    train_docs, held_out = D.split(D.read_documents(cfg), cfg.data.eval_fraction)
+    train_docs, held_out = data.split(data.read_documents(cfg), cfg.data.eval_fraction)
     seen = {d["prompt"] for d in train_docs}
     held_out = [d for d in held_out if d["prompt"] not in seen]  # strings the model never trained on
     assert len(held_out) > 200

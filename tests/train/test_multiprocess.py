@@ -19,26 +19,26 @@ WORKER = textwrap.dedent('''
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
     jax.config.update("jax_num_cpu_devices", ndev)
-    from jaxtx import sharding as S
-    S.initialize_distributed(f"127.0.0.1:{port}" if nproc > 1 else None, nproc, pid)
+    from jaxtx import sharding
+    sharding.initialize_distributed(f"127.0.0.1:{port}" if nproc > 1 else None, nproc, pid)
     import jax.numpy as jnp, numpy as np, optax
     from jax.experimental import multihost_utils
-    from jaxtx import model as M
+    from jaxtx import model as model_lib
     from jaxtx.config import load_model_config
 
     cfg = load_model_config("tiny", ["n_layers=2", "d_model=64", "n_heads=4", "n_kv_heads=2", "d_ff=128",
                                      "vocab_size=512"])
-    model, opt = M.build(cfg), optax.adamw(3e-3, weight_decay=0.1)
-    mesh_cfg = S.MeshConfig(data=1, fsdp=4, dcn_data=2) if nproc > 1 else S.MeshConfig(data=2, fsdp=4)
-    mesh, rules = S.make_mesh(mesh_cfg), S.rules_for(mesh_cfg)
+    model, opt = model_lib.build(cfg), optax.adamw(3e-3, weight_decay=0.1)
+    mesh_cfg = sharding.MeshConfig(data=1, fsdp=4, dcn_data=2) if nproc > 1 else sharding.MeshConfig(data=2, fsdp=4)
+    mesh, rules = sharding.make_mesh(mesh_cfg), sharding.rules_for(mesh_cfg)
     B, T, steps = 8, 16, 3
     dummy = jnp.zeros((B, T), jnp.int32)
-    _, psh = S.param_shardings(model, mesh, rules, dummy)
-    p = S.init_sharded(model, jax.random.key(0), mesh, rules, dummy)
-    osh = S.opt_state_shardings(opt, p, psh)
-    s = S.init_opt_state(opt, p, psh)
-    bsh = S.batch_sharding(mesh, rules)
-    lo, hi = S.process_rows(bsh, B)
+    _, psh = sharding.param_shardings(model, mesh, rules, dummy)
+    p = sharding.init_sharded(model, jax.random.key(0), mesh, rules, dummy)
+    osh = sharding.opt_state_shardings(opt, p, psh)
+    s = sharding.init_opt_state(opt, p, psh)
+    bsh = sharding.batch_sharding(mesh, rules)
+    lo, hi = sharding.process_rows(bsh, B)
     all_ids = np.asarray(jax.random.randint(jax.random.key(1), (steps, B, T + 1), 0, cfg.vocab_size))
 
     def step(p, s, x):
@@ -50,10 +50,10 @@ WORKER = textwrap.dedent('''
         return optax.apply_updates(p, u), s, loss
 
     losses = []
-    with S.use_mesh(mesh, rules):
+    with sharding.use_mesh(mesh, rules):
         run = jax.jit(step, in_shardings=(psh, osh, bsh), out_shardings=(psh, osh, None))
         for i in range(steps):
-            x = S.global_batch({"x": all_ids[i, lo:hi]}, bsh, B)["x"]  # this process's rows only
+            x = sharding.global_batch({"x": all_ids[i, lo:hi]}, bsh, B)["x"]  # this process's rows only
             p, s, loss = run(p, s, x)
             losses.append(float(loss))
     flat = multihost_utils.process_allgather(p, tiled=True)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from train_helpers import TINY_BERT, TINY_T5, run_cfg
 
-from jaxtx import model as M
+from jaxtx import model as model_lib
 from jaxtx.train import packing
 from jaxtx.train.objectives import causal_weights, make_objective, mlm_corrupt, token_nll
 from jaxtx.train.optim import make_optimizer
@@ -21,7 +21,7 @@ def _setup(objective, extra=(), model=None):
     cfg = run_cfg([f"train.objective={objective}", "train.seq_len=16", "train.batch_size=4", *extra],
                   **kw)
     mc = cfg.model_config()
-    m = M.build(mc)
+    m = model_lib.build(mc)
     return cfg, mc, m, init_params(m, mc, jax.random.key(1))
 
 
@@ -122,7 +122,8 @@ def test_dpo_loss_is_log2_at_the_reference_and_counts_pairs():
     cfg, mc, m, p = _setup("dpo", ["data.source=jsonl", "data.path=x"])
     good = packing.prompt_response_rows([([11, 12], [20, 21, 22])] * 3, 16)
     bad = packing.prompt_response_rows([([11, 12], [30, 31])] * 3, 16)
-    batch = {**{k: jnp.asarray(v) for k, v in good.items()}, **{"rejected_" + k: jnp.asarray(v) for k, v in bad.items()}}
+    batch = {**{k: jnp.asarray(v) for k, v in good.items()},
+             **{"rejected_" + k: jnp.asarray(v) for k, v in bad.items()}}
     obj = make_objective(m, mc, cfg.train)
     total, n, extra = obj.loss_terms(p, batch, RNG, False, p)
     assert float(n) == 3
@@ -155,7 +156,8 @@ def test_loss_falls(objective, model):
     extra = ["data.source=jsonl", "data.path=x"] if objective in ("sft", "dpo") else []
     # T5 (tied head rescaled by D**-0.5, no attention scaling) starts slowly: a higher lr and more steps
     lr, steps = ("1e-2", 50) if objective == "span" else ("3e-3", 30)
-    extra += [f"optim.lr={lr}", "optim.warmup_steps=0", f"train.steps={steps}", "train.mlm_prob=0.3", "train.target_len=8"]
+    extra += [f"optim.lr={lr}", "optim.warmup_steps=0", f"train.steps={steps}", "train.mlm_prob=0.3",
+              "train.target_len=8"]
     cfg, mc, m, p = _setup(objective, extra, model=model)
     opt = make_optimizer(cfg.optim, cfg.train.steps)
     state = {"step": jnp.int32(0), "skipped": jnp.int32(0), "params": p, "opt_state": opt.init(p)}

@@ -8,7 +8,7 @@ from train_helpers import TINY_MODEL, run_cfg
 
 from jaxtx import cli
 from jaxtx.config import ConfigError
-from jaxtx.train import data as D
+from jaxtx.train import data
 from jaxtx.train.config import DataConfig, load_run_config
 from jaxtx.train.optim import make_optimizer
 
@@ -106,12 +106,12 @@ def test_source_is_inferred_from_the_path(tmp_path):
     f.write_text("\n".join(json.dumps({"text": f"record {i}", "id": i}) for i in range(5)) + "\n")
     cfg = load_run_config("configs/tiny.yaml", [f"data.path={f}"])
     assert cfg.data.source == "jsonl" and cfg.to_dict()["data"]["source"] == "jsonl"
-    assert D.read_documents(cfg) == [f"record {i}" for i in range(5)]
+    assert data.read_documents(cfg) == [f"record {i}" for i in range(5)]
     (tmp_path / "docs").mkdir()
     for name, text in [("b.txt", "second"), ("a.md", "first"), (".hidden", "skipped")]:
         (tmp_path / "docs" / name).write_text(text)
     cfg = run_cfg([f"data.path={tmp_path}/docs"])
-    assert cfg.data.source == "text" and D.read_documents(cfg) == ["first", "second"]  # sorted, hidden skipped
+    assert cfg.data.source == "text" and data.read_documents(cfg) == ["first", "second"]  # sorted, hidden skipped
     assert run_cfg([]).data.source == "stdlib"
     assert DataConfig(path="x.ndjson").source == "jsonl" and DataConfig(path="*.txt").source == "text"
     assert DataConfig(source="jsonl", path="data.log").source == "jsonl"  # explicit and not contradicted: kept
@@ -121,14 +121,14 @@ def test_text_glob_that_reaches_jsonl_is_refused(tmp_path):
     (tmp_path / "a.txt").write_text("hello")
     (tmp_path / "b.jsonl").write_text('{"text": "x"}\n')
     with pytest.raises(ConfigError, match=r"b.jsonl \(JSON Lines\) as plain text: set data.source=jsonl"):
-        D.read_documents(run_cfg([f"data.path={tmp_path}/*"]))
+        data.read_documents(run_cfg([f"data.path={tmp_path}/*"]))
 
 
 def test_utf8_text_with_bom_and_non_ascii_is_read_exactly(tmp_path):
     (tmp_path / "a.txt").write_bytes("\ufeffnaïve café ☃\r\n".encode())
     (tmp_path / "b.jsonl").write_bytes('\ufeff{"text": "ünï"}\n'.encode())
-    assert D.read_documents(run_cfg([f"data.path={tmp_path}/a.txt"])) == ["naïve café ☃\r\n"]
-    assert D.read_documents(run_cfg([f"data.path={tmp_path}/b.jsonl"])) == ["ünï"]
+    assert data.read_documents(run_cfg([f"data.path={tmp_path}/a.txt"])) == ["naïve café ☃\r\n"]
+    assert data.read_documents(run_cfg([f"data.path={tmp_path}/b.jsonl"])) == ["ünï"]
 
 
 def test_zero_intervals_are_accepted():
@@ -165,6 +165,6 @@ def test_yaml_exponent_floats_and_short_runs(tmp_path):
 def test_one_text_file_holds_out_its_tail(tmp_path):
     """A single file (one document) used to be refused ("need at least 2"); its last lines are now the eval split."""
     text = "".join(f"line {i}\n" for i in range(100))
-    assert D.split([text], 0.1) == ([text[:text.index("line 90")]], [text[text.index("line 90"):]])
+    assert data.split([text], 0.1) == ([text[:text.index("line 90")]], [text[text.index("line 90"):]])
     with pytest.raises(ConfigError, match="1 document"):
-        D.split([{"prompt": "a", "response": "b"}], 0.1)  # one record cannot be split
+        data.split([{"prompt": "a", "response": "b"}], 0.1)  # one record cannot be split

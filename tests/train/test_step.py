@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 from train_helpers import run_cfg
 
-from jaxtx import model as M
+from jaxtx import model as model_lib
 from jaxtx.train.optim import decay_mask, lr_schedule, make_optimizer
 from jaxtx.train.step import init_params, make_train_step
 
 
 def test_decay_mask_only_kernels():
     cfg = run_cfg([]).model_config()
-    p = jax.eval_shape(lambda: init_params(M.build(cfg), cfg, jax.random.key(0)))
+    p = jax.eval_shape(lambda: init_params(model_lib.build(cfg), cfg, jax.random.key(0)))
     flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(decay_mask(p))[0]}
     assert flat["['embed']['embedding']"] is False and flat["['layers']['attn_norm']['scale']"] is False
     assert flat["['layers']['mlp']['wo']['kernel']"] is True and flat["['layers']['attn']['q']['kernel']"] is True
@@ -39,7 +39,7 @@ def test_grad_accumulation_equals_one_big_batch():
     for accum in (1, 2):
         cfg = run_cfg([f"optim.grad_accum={accum}", "train.batch_size=4", "train.seq_len=16", "optim.warmup_steps=0"])
         mc = cfg.model_config()
-        m = M.build(mc)
+        m = model_lib.build(mc)
         p = init_params(m, mc, jax.random.key(0))
         opt = make_optimizer(cfg.optim, 10)
         state = {"step": jnp.int32(0), "skipped": jnp.int32(0), "params": p, "opt_state": opt.init(p)}

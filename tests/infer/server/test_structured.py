@@ -7,7 +7,7 @@ import jsonschema
 import numpy as np
 import pytest
 
-from jaxtx.infer.server import structured as G
+from jaxtx.infer.server import structured
 from jaxtx.infer.server.tokenizer import load_hf_tokenizer
 
 FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "server" / "llama_chat"
@@ -37,7 +37,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def compiler(tok):
-    return G.GuideCompiler(tok, V)
+    return structured.GuideCompiler(tok, V)
 
 
 def _compact(text: str) -> bool:
@@ -54,10 +54,10 @@ def _compact(text: str) -> bool:
 
 
 def _walk(compiler, grammar, rng, max_steps=600):
-    guide = G.Guide(compiler, grammar)
+    guide = structured.Guide(compiler, grammar)
     ids = []
     for _ in range(max_steps):
-        allowed = G.unpack(guide(ids), V)
+        allowed = structured.unpack(guide(ids), V)
         assert not allowed[300:].any(), "ids without a tokenizer piece must never be allowed"
         choices = np.nonzero(allowed)[0]
         assert len(choices), "the mask allows nothing"
@@ -71,7 +71,7 @@ def _walk(compiler, grammar, rng, max_steps=600):
 @pytest.mark.parametrize("name", sorted(SCHEMAS))
 def test_random_walks_validate(tok, compiler, name):
     schema = SCHEMAS[name]
-    grammar = G.json_grammar({"type": "json_schema", "json_schema": {"name": name, "schema": schema}})
+    grammar = structured.json_grammar({"type": "json_schema", "json_schema": {"name": name, "schema": schema}})
     compiler.check(grammar)
     rng = np.random.default_rng(0)
     for _ in range(25):
@@ -83,7 +83,7 @@ def test_random_walks_validate(tok, compiler, name):
 
 
 def test_json_object_walks(tok, compiler):
-    grammar = G.json_grammar({"type": "json_object"})
+    grammar = structured.json_grammar({"type": "json_object"})
     rng = np.random.default_rng(1)
     ended_n = 0
     for _ in range(20):
@@ -96,27 +96,29 @@ def test_json_object_walks(tok, compiler):
 
 
 def test_completed_grammar_allows_only_eos(tok, compiler):
-    grammar = G.json_grammar({"type": "json_schema", "json_schema": {"name": "b", "schema": {"type": "boolean"}}})
-    guide = G.Guide(compiler, grammar)
+    grammar = structured.json_grammar({"type": "json_schema",
+                                       "json_schema": {"name": "b", "schema": {"type": "boolean"}}})
+    guide = structured.Guide(compiler, grammar)
     ids = tok.encode("true", add_special_tokens=False)
     for i in range(len(ids)):
-        assert G.unpack(guide(ids[:i]), V)[ids[i]]
-    assert set(np.nonzero(G.unpack(guide(ids), V))[0]) == set(EOS)
+        assert structured.unpack(guide(ids[:i]), V)[ids[i]]
+    assert set(np.nonzero(structured.unpack(guide(ids), V))[0]) == set(EOS)
 
 
 def test_grammar_errors_and_text(compiler):
-    assert G.json_grammar(None) is None and G.json_grammar({"type": "text"}) is None
-    with pytest.raises(G.GrammarError, match="response_format.type='xml'"):
-        G.json_grammar({"type": "xml"})
-    with pytest.raises(G.GrammarError):
-        compiler.check(G.json_grammar({"type": "json_schema", "json_schema": {
+    assert structured.json_grammar(None) is None and structured.json_grammar({"type": "text"}) is None
+    with pytest.raises(structured.GrammarError, match="response_format.type='xml'"):
+        structured.json_grammar({"type": "xml"})
+    with pytest.raises(structured.GrammarError):
+        compiler.check(structured.json_grammar({"type": "json_schema", "json_schema": {
             "name": "bad", "schema": {"type": "object", "properties": {"a": {"$ref": "#/nope"}}}}}))
 
 
 def test_pack_unpack_combine():
     rng = np.random.default_rng(0)
     a, b = rng.random(V) < 0.5, rng.random(V) < 0.5
-    assert (G.unpack(G.pack(a), V) == a).all() and G.pack(a).shape == (10,) and G.pack(a).dtype == np.int32
-    both = G.combine(lambda ids: G.pack(a), None, lambda ids: G.pack(b))
-    assert (G.unpack(both([]), V) == (a & b)).all()
-    assert G.combine(None, None) is None
+    packed = structured.pack(a)
+    assert (structured.unpack(packed, V) == a).all() and packed.shape == (10,) and packed.dtype == np.int32
+    both = structured.combine(lambda ids: structured.pack(a), None, lambda ids: structured.pack(b))
+    assert (structured.unpack(both([]), V) == (a & b)).all()
+    assert structured.combine(None, None) is None
