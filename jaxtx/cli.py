@@ -106,7 +106,8 @@ def make_parser() -> argparse.ArgumentParser:
     _register_plugins(sub, "jaxtx.commands")
     bench = sub.add_parser("bench", help="benchmarks: attention kernels, training step, decoding",
                            description="Speed benchmarks, reported as ratios against a baseline run in the same "
-                                       "process. Targets: " + ", ".join(e.name for e in entry_points(group="jaxtx.bench")))
+                                       "process. Targets: "
+                                       + ", ".join(e.name for e in entry_points(group="jaxtx.bench")))
     _register_plugins(bench.add_subparsers(dest="target", metavar="TARGET"), "jaxtx.bench")
     bench.set_defaults(func=lambda args: (bench.print_help(), 2)[1])
     return parser

@@ -6,7 +6,8 @@
 
 Calling conventions (docs/design.md):
     decoder:          model.apply(v, input_ids, positions=None, segment_ids=None, cache=None, deterministic=True)
-    encoder:          model.apply(v, input_ids, token_type_ids=None, attention_mask=None)  (+ method="masked_lm"/"pooled")
+    encoder:          model.apply(v, input_ids, token_type_ids=None, attention_mask=None)
+                      (+ method="masked_lm"/"pooled")
     encoder_decoder:  model.apply(v, input_ids, decoder_input_ids=…, attention_mask=None)  (+ method="encode"/"decode")
 """
 from __future__ import annotations
@@ -229,7 +230,8 @@ class MlmHead(nn.Module):
     def __call__(self, h_BTD, embed: Embed):
         cfg = self.cfg
         D = cfg.d_model
-        h = activation(cfg.activation)(Dense(cfg, (D, D), ("embed", "embed_out"), use_bias=True, name="transform")(h_BTD))
+        transform = Dense(cfg, (D, D), ("embed", "embed_out"), use_bias=True, name="transform")
+        h = activation(cfg.activation)(transform(h_BTD))
         h = Norm(cfg, name="norm")(h)
         bias = param(self, "bias", (cfg.vocab_size,), ("vocab",), cfg, nn.initializers.zeros)
         return (embed.attend(h) + bias.astype(h.dtype)).astype(jnp.float32)

@@ -10,7 +10,8 @@ compiler (GSPMD) propagates shardings from the params, the batch and the `with_l
         params = init_sharded(model, rng, mesh, rules, ids_BT)
 
 Rules semantics. Params are resolved strictly: each logical name maps to the mesh axes of its first rule, and a param
-whose two dimensions land on one mesh axis, or whose dimension a mesh axis does not divide, is an error naming the param.
+whose two dimensions land on one mesh axis, or whose dimension a mesh axis does not divide, is an error naming the
+param.
 Activations go through Flax's priority resolution (the first rule whose mesh axes are still free wins), so in
 [batch, length, embed] `batch` claims data+fsdp and `embed` falls back to replicated — that is why `batch` comes first.
 """
@@ -312,7 +313,8 @@ def global_batch(local: dict, sharding: NamedSharding, global_batch_size: int) -
 
 def check_replicated(params, threshold_bytes: int = 1 << 20) -> list[str]:
     """Lines "path shape dtype MiB" for every param at or above threshold_bytes that is fully replicated over a
-    multi-device mesh — the memory ZeRO-3 / TP were meant to save. Accepts arrays or ShapeDtypeStructs with .sharding."""
+    multi-device mesh — the memory ZeRO-3 / TP were meant to save. Accepts arrays or ShapeDtypeStructs with
+    .sharding."""
     found = []
     for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
         s = getattr(x, "sharding", None)

@@ -10,7 +10,8 @@ def register_train(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a model from a run config (resumes if its out_dir has checkpoints)",
                               description=__doc__)
     p.add_argument("config", help="run config: a YAML path, or a name under configs/ (tiny) or configs/runs/ (sft)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200 model.n_layers=2 out_dir=runs/x")
+    p.add_argument("overrides", nargs="*",
+                   help="dotted overrides, e.g. train.steps=200 model.n_layers=2 out_dir=runs/x")
     g = p.add_argument_group("multi-process (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID)")
     g.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
     g.add_argument("--num-processes", type=int, default=None, help="number of processes")

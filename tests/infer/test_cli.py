@@ -92,8 +92,8 @@ def test_run_dir_loads_and_streams(tmp_path, capsys):
     assert rc == 0 and out == text[: text.find(stop)] + "\n"
     # a batch from a prompts file: one block per prompt, same tokens as generate()
     (tmp_path / "prompts.txt").write_text("def main():\nhello world\n")
-    rc, out, err = _run_cli(["generate", "--run", str(tmp_path / "run"), "--prompts-file", str(tmp_path / "prompts.txt"),
-                             "--max-new-tokens", "12"], capsys)
+    rc, out, err = _run_cli(["generate", "--run", str(tmp_path / "run"),
+                             "--prompts-file", str(tmp_path / "prompts.txt"), "--max-new-tokens", "12"], capsys)
     assert rc == 0, err
     second = generate(model, params, [tok.encode("hello world")], max_new_tokens=12, eos_id=3).tokens[0]
     assert out == f"=== 0\n{text}\n=== 1\n{tok.decode(second)}\n"

@@ -26,7 +26,8 @@ def test_emitted_tokens_follow_target():
         got = toks[n_acc >= pos, pos] if pos else toks[:, 0]
         assert (got >= 0).all()
         counts = np.bincount(got, minlength=V)
-        assert stats.chisquare(counts, p[pos] / p[pos].sum() * counts.sum()).pvalue > 1e-3, (pos, counts / counts.sum(), p[pos])
+        pvalue = stats.chisquare(counts, p[pos] / p[pos].sum() * counts.sum()).pvalue
+        assert pvalue > 1e-3, (pos, counts / counts.sum(), p[pos])
     # the expected acceptance of the first draft is sum_x min(p, q)
     np.testing.assert_allclose((n_acc >= 1).mean(), np.minimum(p[0], q[0]).sum(), atol=0.01)
     # and the draft's own distribution is clearly not the target's (the test above has something to detect)

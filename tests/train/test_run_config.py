@@ -38,7 +38,8 @@ def test_batch_not_divisible_by_data_parallel_size(tmp_path):
     mesh, rules = make_run_mesh(cfg)
     with pytest.raises(ConfigError, match="data-parallel size 8"):
         check_batch(cfg, mesh, rules)
-    check_batch(load_run_config(None, [*TINY_MODEL, "train.seq_len=64", "train.batch_size=16", "mesh.data=-1"]), mesh, rules)
+    check_batch(load_run_config(None, [*TINY_MODEL, "train.seq_len=64", "train.batch_size=16", "mesh.data=-1"]),
+                mesh, rules)
 
 
 def test_every_shipped_run_config_parses():

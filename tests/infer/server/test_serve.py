@@ -111,8 +111,8 @@ def _until(cond, timeout=30.0):
 
 
 PROMPTS = ["Hello, world!", "The quick brown fox", "def main():\n    print(", '{"name": "Alice", "age":',
-           "Caf\u00e9 \u65e5\u672c", "You are a helpful assistant. Answer the question briefly and accurately.", "1 2 3",
-           "Paris is the capital of"]
+           "Caf\u00e9 \u65e5\u672c", "You are a helpful assistant. Answer the question briefly and accurately.",
+           "1 2 3", "Paris is the capital of"]
 
 
 def test_greedy_completion_equals_generate(client, ref):
