@@ -30,6 +30,8 @@ def _options(p, required: bool) -> None:
     p.add_argument("--decode", default=None, metavar="BATCHxMAXLEN",
                    help="also compile one decode step for BATCH rows and a KV cache of MAXLEN slots, e.g. 64x8192")
     p.add_argument("--no-train", action="store_true", default=None, help="with --decode: skip the train step")
+    p.add_argument("--weights", default=None, metavar="SCHEME",
+                   help="with --decode: quantized weights (int8, fp8, int4-g128, nf4, nf4-dq; jaxtx.quant defaults)")
 
 
 def register(subparsers) -> None:
@@ -49,7 +51,7 @@ def _merge_late_options(args) -> None:
     _options(late, required=False)
     late.add_argument("rest", nargs="*")
     ns = late.parse_intermixed_args(args.overrides)
-    for k in ("topology", "num_slices", "mesh", "hbm_gib", "decode", "no_train"):
+    for k in ("topology", "num_slices", "mesh", "hbm_gib", "decode", "no_train", "weights"):
         if getattr(ns, k) is not None:
             setattr(args, k, getattr(ns, k))
     args.overrides = ns.rest
@@ -169,9 +171,10 @@ def compile_train_step(run_cfg, devices, hbm: int = 0):
                       "replicated": replicated}
 
 
-def compile_decode_step(run_cfg, devices, batch: int, max_len: int, hbm: int = 0):
+def compile_decode_step(run_cfg, devices, batch: int, max_len: int, hbm: int = 0, weights: str | None = None):
     """Lower and compile one decode step (a token per row against a KV cache of max_len slots, cache donated), params
-    in the compute dtype as served. The cache is split like the activations: rows over the batch axes, kv heads over
+    in the compute dtype as served, or quantized (`weights`: a jaxtx.quant scheme name such as "int8" or "int4-g128";
+    scales shard with their kernels, jaxtx.quant.shardings). The cache is split like the activations: rows over the batch axes, kv heads over
     tensor. Returns (compiled, info dict)."""
     import jax
     import jax.numpy as jnp
@@ -190,6 +193,13 @@ def compile_decode_step(run_cfg, devices, batch: int, max_len: int, hbm: int = 0
     params, _ = shd.param_shardings(model, mesh, rules, *jmodel.dummy_inputs(cfg))
     params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
         a.shape, dt if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype, sharding=a.sharding), params)
+    if weights:
+        from jaxtx import quant
+        scheme, opts = quant.parse_scheme(weights)
+        plain = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+        q = jax.eval_shape(lambda p: quant.quantize_params(p, scheme, **opts), plain)
+        params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), q,
+                              quant.shardings(model, q, mesh, rules))
     cache = jax.eval_shape(lambda: KVCache.init(cfg, batch, max_len, dt))
 
     def spec(names, a, what):
@@ -215,8 +225,9 @@ def compile_decode_step(run_cfg, devices, batch: int, max_len: int, hbm: int = 0
         t1 = time.perf_counter()
         compiled = _compile(lowered, "decode step", (params, cache), hbm)
         t2 = time.perf_counter()
-    n_params = sum(x.size for x in jax.tree.leaves(params))
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(jmodel.abstract_params(model)))
     return compiled, {"lower_s": t1 - t0, "compile_s": t2 - t1, "mesh": dict(mesh.shape), "n_params": n_params,
+                      "weight_bytes": sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(params)),
                       "tokens": batch, "replicated": [], "flop_factor": 2, "cache_bytes": sum(
                           a.size * a.dtype.itemsize for a in jax.tree.leaves(cache))}
 
@@ -243,7 +254,8 @@ def report(topology: str, n_devices: int, info: dict, mem: dict, out=None) -> No
     n_active = info.get("n_active", info["n_params"])
     p(f"params {info['n_params'] / 1e9:.3f} B ({n_active / 1e9:.3f} B active per token), "
       f"{info['tokens']} tokens per step"
-      + (f", KV cache {gib(info['cache_bytes'])} in all" if "cache_bytes" in info else ""))
+      + (f", KV cache {gib(info['cache_bytes'])} in all" if "cache_bytes" in info else "")
+      + (f", weights {gib(info['weight_bytes'])} in all" if "weight_bytes" in info else ""))
     p(f"lower {info['lower_s']:.1f} s, compile {info['compile_s']:.1f} s")
     p(f"HBM per device: arguments {gib(mem['arguments'])} + outputs {gib(mem['outputs'])} - aliased "
       f"{gib(mem['aliased'])} + temps {gib(mem['temps'])} + code {gib(mem['code'])} = {gib(mem['total'])} "
@@ -271,6 +283,14 @@ def run(args) -> int:
         print("error: --topology is required (e.g. --topology v5p:2x2x1)", file=sys.stderr)
         return 2
     try:
+        if args.weights and not args.decode:
+            raise ConfigError(f"--weights {args.weights}: quantized weights are for serving; add --decode BATCHxMAXLEN")
+        if args.weights:
+            from jaxtx import quant
+            try:
+                quant.parse_scheme(args.weights)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         run_cfg = load_config(args.config, args.mesh, args.overrides)
         hbm = hbm_bytes(args.topology, args.hbm_gib)
         devices = topology_devices(args.topology, args.num_slices)
@@ -280,7 +300,9 @@ def run(args) -> int:
                 b, n = (int(v) for v in args.decode.lower().split("x"))
             except ValueError:
                 raise ConfigError(f"--decode {args.decode!r}: expected BATCHxMAXLEN, e.g. 64x8192") from None
-            results.append((f"decode step ({b} rows, {n} cache slots)", *compile_decode_step(run_cfg, devices, b, n, hbm)))
+            w = f", {args.weights} weights" if args.weights else ""
+            results.append((f"decode step ({b} rows, {n} cache slots{w})",
+                            *compile_decode_step(run_cfg, devices, b, n, hbm, weights=args.weights)))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

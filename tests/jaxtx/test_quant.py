@@ -132,6 +132,7 @@ def test_batch_dims_and_multi_axis_contraction():
 @pytest.mark.parametrize("eq,xs,ws,contract", [
     ("...i,io->...o", (2, 3, 64), (64, 24), (0,)),
     ("BTD,DNh->BTNh", (2, 3, 64), (64, 4, 8), (0,)),
+    ("BTD,DNh->BTNh", (1, 1, 64), (64, 4, 8), (0,)),  # one row: w8a8 pads it on CPU
     ("BTHh,HhD->BTD", (2, 3, 4, 16), (4, 16, 32), (0, 1)),
 ])
 def test_quantized_einsum_equals_dequantized_float64(scheme, eq, xs, ws, contract):
