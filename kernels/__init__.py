@@ -1,4 +1,6 @@
-"""jaxtx.kernels: attention for the model. `attention` dispatches to the fastest correct backend for the platform."""
+"""jaxtx.kernels (files in kernels/: `jaxtx.kernels.dispatch` lives in `kernels/dispatch.py`): attention for the
+model. `attention` dispatches to the fastest correct backend for the platform. Imports nothing from the rest of
+jaxtx."""
 from jaxtx.kernels.decode import decode_attention
 from jaxtx.kernels.dispatch import BACKENDS, attention, select_backend
 from jaxtx.kernels.flash_attention import BlockSizes, blockwise_attention
