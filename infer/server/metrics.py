@@ -78,6 +78,11 @@ class Metrics:
             if key in engine_stats:
                 family(name, kind, help_)
                 lines.append(f"{name} {_num(engine_stats[key])}")
+        for key in sorted(set(engine_stats) - set(ENGINE_GAUGES)):  # whatever else the engine reports, as is
+            v = engine_stats[key]
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and key.isidentifier():
+                family(f"jaxtx_engine_{key}", "gauge", f"engine.stats()['{key}'].")
+                lines.append(f"jaxtx_engine_{key} {_num(v)}")
         family("jaxtx_http_requests_total", "counter", "HTTP requests by endpoint and status.")
         for (endpoint, status), n in sorted(self.requests.items()):
             lines.append(f'jaxtx_http_requests_total{{endpoint="{endpoint}",status="{status}"}} {n}')

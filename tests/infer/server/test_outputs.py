@@ -58,7 +58,8 @@ def test_metrics_text():
     m = Metrics()
     m.latency["chat"] = h
     m.request_done("chat", 400)
-    got = parse(m.render({"pages_used": 3, "pages_total": 10, "running": 1}))
+    got = parse(m.render({"pages_used": 3, "pages_total": 10, "running": 1, "preemptions": 2, "note": "x"}))
+    assert got["jaxtx_engine_preemptions"] == 2 and not any("note" in k for k in got)
     assert got["jaxtx_kv_pages_used"] == 3 and got["jaxtx_kv_pages_total"] == 10
     assert got['jaxtx_request_latency_seconds_bucket{endpoint="chat",le="0.1"}'] == 1
     assert got['jaxtx_request_latency_seconds_bucket{endpoint="chat",le="1.0"}'] == 3  # cumulative
