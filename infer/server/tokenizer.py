@@ -192,9 +192,10 @@ class SentencePieceTokenizer(Tokenizer):
         import llguidance
 
         n = max(n_vocab, self.vocab_size)
-        # llguidance wants every id's bytes; special tokens get the 0xFF marker it uses for them
-        tokens = [self.token_bytes(i) if i < self.vocab_size and i not in self.special_ids else b"\xff" + str(i).encode()
-                  for i in range(n)]
+        # llguidance wants every id's bytes; special tokens and ids past the pieces get the 0xFF marker it uses for
+        # special tokens (a grammar never allows them)
+        tokens = [self.token_bytes(i) if i < self.vocab_size and i not in self.special_ids
+                  else b"\xff" + str(i).encode() for i in range(n)]
 
         raw = self._raw_processor()
 
