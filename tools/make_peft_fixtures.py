@@ -1,6 +1,6 @@
 """Build the Hugging Face PEFT adapters that tests/jaxtx/test_lora_peft.py compares jaxtx.lora against.
 
-Needs torch + transformers + peft; CI never runs this, it reads the committed outputs:
+Needs torch + transformers + peft (`pip install -e .[peft]`); CI never runs this, it reads the committed outputs:
 
     python tools/make_peft_fixtures.py      # rewrites tests/fixtures/peft/
 
