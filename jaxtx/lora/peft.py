@@ -114,7 +114,7 @@ def load_peft(model, params: dict, path) -> tuple:
     for mod, w in weights.items():
         site = by_name[mod]
         if set(w) != {"A", "B"}:
-            raise PeftError(f"{f}: module {mod!r} has lora_{'AB'[len(w) and 'A' in w]} but not both A and B")
+            raise PeftError(f"{f}: module {mod!r} has only lora_{next(iter(w))}; expected lora_A and lora_B")
         A, B = w["A"], w["B"]
         n_in, n_out = math.prod(site.in_shape), sum(math.prod(o) for o in site.out_shapes)
         r = A.shape[0]

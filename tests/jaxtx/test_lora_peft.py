@@ -113,3 +113,14 @@ def test_adapter_for_another_model_is_refused():
     model, base = hf.load(FIX / "hf" / "gpt2")
     with pytest.raises(PeftError, match="not a linear layer of this gpt2 model"):
         load_peft(model, base, FIX / "peft" / "llama")
+
+
+def test_half_an_adapter_is_refused(tmp_path):
+    from jaxtx.hf.safetensors_io import TensorFile, write
+    d = _adapter_dir(tmp_path)
+    src = TensorFile(FIX / "peft" / "llama" / "adapter_model.safetensors")
+    keep = {k: np.array(src.get(k)) for k in src.meta if "layers.0.self_attn.q_proj" not in k or "lora_A" in k}
+    write(d / "adapter_model.safetensors", keep, {"format": "pt"})
+    model, base = hf.load(FIX / "hf" / "llama")
+    with pytest.raises(PeftError, match="q_proj' has only lora_A; expected lora_A and lora_B"):
+        load_peft(model, base, d)
