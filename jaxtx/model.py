@@ -79,9 +79,26 @@ def _padding_mask_kw(attention_mask, B, T) -> dict:
     return dict(segment_ids=jnp.ones((B, T), jnp.int32), kv_segment_ids=attention_mask.astype(jnp.int32))
 
 
-def _add_absolute_positions(cfg, x_BTD, positions_BT, pos_embed):
+def _arange_positions(B, T):
+    """[B, T] positions 0..T-1 in every row: a batch with no cache, no packing and no given positions."""
+    return jnp.broadcast_to(jnp.arange(T)[None, :], (B, T))
+
+
+# Every model family starts the same way; these two run inside a model's setup / call (`m` is the bound module).
+def _setup_embeddings(m) -> None:
+    """The token table `embed` (also the tied output head) and, for learned positions, the table `pos_embed`."""
+    cfg = m.cfg
+    m.embed = Embed(cfg, cfg.vocab_size)
     if cfg.position == "learned":
-        return x_BTD + pos_embed(jnp.clip(positions_BT, 0, cfg.max_seq_len - 1))
+        m.pos_embed = Embed(cfg, cfg.max_seq_len, ("pos", "embed"))
+
+
+def _embed(m, ids_BT, positions_BT):
+    """Token embeddings [B, T, D] plus the absolute position scheme (rope, alibi and t5 act inside attention)."""
+    cfg = m.cfg
+    x_BTD = m.embed(ids_BT)
+    if cfg.position == "learned":
+        return x_BTD + m.pos_embed(jnp.clip(positions_BT, 0, cfg.max_seq_len - 1))
     if cfg.position == "sinusoidal":
         return x_BTD + sinusoidal(positions_BT, cfg.d_model).astype(x_BTD.dtype)
     return x_BTD
@@ -118,9 +135,7 @@ class DecoderLM(nn.Module):
 
     def setup(self):
         cfg = self.cfg
-        self.embed = Embed(cfg, cfg.vocab_size)
-        if cfg.position == "learned":
-            self.pos_embed = Embed(cfg, cfg.max_seq_len, ("pos", "embed"))
+        _setup_embeddings(self)
         self.layers = make_layers(cfg, cfg.n_layers, causal=True)
         if cfg.final_norm:
             self.final_norm = Norm(cfg)
@@ -143,8 +158,8 @@ class DecoderLM(nn.Module):
             elif segment_ids is not None:
                 positions = segment_positions(segment_ids)
             else:
-                positions = jnp.broadcast_to(jnp.arange(T)[None, :], (B, T))
-        x = _add_absolute_positions(cfg, self.embed(input_ids), positions, getattr(self, "pos_embed", None))
+                positions = _arange_positions(B, T)
+        x = _embed(self, input_ids, positions)
         x = self.perturb("embedded", x)  # zero unless a "perturbations" collection is passed: d(out)/d(embedding)
         x = dropout(cfg.dropout, x, deterministic, self)
         x = constrain(x, ("batch", "length", "embed"))
@@ -166,9 +181,7 @@ class EncoderModel(nn.Module):
 
     def setup(self):
         cfg = self.cfg
-        self.embed = Embed(cfg, cfg.vocab_size)
-        if cfg.position == "learned":
-            self.pos_embed = Embed(cfg, cfg.max_seq_len, ("pos", "embed"))
+        _setup_embeddings(self)
         if cfg.type_vocab_size:
             self.type_embed = Embed(cfg, cfg.type_vocab_size, ("types", "embed"))
         if cfg.embed_norm:
@@ -186,8 +199,8 @@ class EncoderModel(nn.Module):
         cfg = self.cfg
         _check_ids(input_ids)
         B, T = input_ids.shape
-        positions = jnp.broadcast_to(jnp.arange(T)[None, :], (B, T))
-        x = _add_absolute_positions(cfg, self.embed(input_ids), positions, getattr(self, "pos_embed", None))
+        positions = _arange_positions(B, T)
+        x = _embed(self, input_ids, positions)
         if cfg.type_vocab_size:
             tt = jnp.zeros_like(input_ids) if token_type_ids is None else token_type_ids
             x = x + self.type_embed(tt)
@@ -279,24 +292,19 @@ class EncoderDecoderModel(nn.Module):
 
     def setup(self):
         cfg = self.cfg
-        self.embed = Embed(cfg, cfg.vocab_size)
-        if cfg.position == "learned":
-            self.pos_embed = Embed(cfg, cfg.max_seq_len, ("pos", "embed"))
+        _setup_embeddings(self)
         self.encoder = Stack(cfg, cfg.n_layers, causal=False, cross=False)
         self.decoder = Stack(cfg, cfg.decoder_layers, causal=True, cross=True)
         if not cfg.tie_embeddings:
             self.lm_head = LMHead(cfg)
 
-    def _embed(self, ids, positions):
-        return _add_absolute_positions(self.cfg, self.embed(ids), positions, getattr(self, "pos_embed", None))
-
     def encode(self, input_ids, attention_mask=None, deterministic: bool = True):
         """input_ids [B, S] -> encoder output [B, S, D]."""
         _check_ids(input_ids)
         B, S = input_ids.shape
-        positions = jnp.broadcast_to(jnp.arange(S)[None, :], (B, S))
+        positions = _arange_positions(B, S)
         ctx = _context(self.cfg, positions, **_padding_mask_kw(attention_mask, B, S))
-        return self.encoder(self._embed(input_ids, positions), ctx, None, deterministic)[0]
+        return self.encoder(_embed(self, input_ids, positions), ctx, None, deterministic)[0]
 
     def decode(self, decoder_input_ids, encoded, attention_mask=None, positions=None,
                cache: Optional[Cache] = None, deterministic: bool = True, logits_at=None):
@@ -306,13 +314,12 @@ class EncoderDecoderModel(nn.Module):
         _check_ids(decoder_input_ids, "decoder_input_ids")
         B, T = decoder_input_ids.shape
         if positions is None:
-            positions = cache.default_positions(T) if cache is not None else \
-                jnp.broadcast_to(jnp.arange(T)[None, :], (B, T))
+            positions = _arange_positions(B, T) if cache is None else cache.default_positions(T)
         enc_mask = jnp.ones(encoded.shape[:2], jnp.int32) if attention_mask is None else attention_mask
         ctx = _context(cfg, positions, encoded=encoded, encoded_mask=enc_mask.astype(jnp.int32))
         if cache is not None:
             cache = cache.begin(cfg, positions, encoded_len=encoded.shape[1])
-        x, cache = self.decoder(self._embed(decoder_input_ids, positions), ctx, cache, deterministic)
+        x, cache = self.decoder(_embed(self, decoder_input_ids, positions), ctx, cache, deterministic)
         logits = _logits(cfg, _select(x, logits_at), self.embed, getattr(self, "lm_head", None))
         return logits if cache is None else (logits, cache.end())
 
