@@ -52,18 +52,16 @@ def register(subparsers) -> None:
 def _load(args):
     from pathlib import Path
 
+    from jaxtx import run_dir as run_dir_lib
     from jaxtx.infer import loading
     from jaxtx.infer.server import tokenizer as tok_lib
 
     if args.run:
         loaded = loading.load_run(args.run, args.step)
-        tok_file = Path(args.run) / "tokenizer.model"
-        import yaml
-        conf = yaml.safe_load((Path(args.run) / "config.yaml").read_text()) or {}
-        tok_file = Path((conf.get("data") or {}).get("tokenizer") or tok_file)
-        if not tok_file.exists():
-            raise ValueError(f"--run {args.run}: no tokenizer ({tok_file}); the server needs one")
-        tok = tok_lib.load_run_tokenizer(tok_file)
+        tok_file = run_dir_lib.tokenizer_file(args.run)  # the one reader of the run-dir layout
+        if tok_file is None or tok_file.path.suffix != ".model":
+            raise ValueError(f"--run {args.run}: no sentencepiece tokenizer in the run dir; the server needs one")
+        tok = tok_lib.load_run_tokenizer(tok_file.path, prefix_ids=loaded.prompt_layout.prefix)
     else:
         loaded = loading.load_hf(args.hf)
         tok = tok_lib.load_hf_tokenizer(args.hf)

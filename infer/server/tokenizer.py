@@ -132,8 +132,8 @@ class HFTokenizer(Tokenizer):
 
 class SentencePieceTokenizer(Tokenizer):
     """A sentencepiece model. `prefix_ids` are prepended by encode(add_special_tokens=True): [bos] for an HF folder
-    whose tokenizer_config says add_bos_token (LlamaTokenizer's default), [eos] for a jaxtx run dir (its training
-    documents follow an EOS, as `jaxtx generate` prompts them)."""
+    whose tokenizer_config says add_bos_token (LlamaTokenizer's default); for a jaxtx run dir, the prefix of the
+    PromptLayout its training recorded (jaxtx.run_dir), so the server prompts a run exactly as training laid it out."""
 
     def __init__(self, path: Path, *, prefix_ids: Sequence[int] = (), eos_ids: Sequence[int] = (),
                  template_tokens: Optional[dict] = None):
@@ -269,13 +269,13 @@ def load_hf_tokenizer(folder) -> Tokenizer:
     return tok
 
 
-def load_run_tokenizer(path) -> Tokenizer:
-    """A jaxtx run dir's sentencepiece model (PAD 0, UNK 1, BOS 2, EOS 3): prompts start with EOS, as training
-    documents do, and EOS ends generation."""
-    sp = SentencePieceTokenizer(Path(path))
+def load_run_tokenizer(path, prefix_ids: Sequence[int] = ()) -> Tokenizer:
+    """A jaxtx run dir's sentencepiece model (PAD 0, UNK 1, BOS 2, EOS 3). `prefix_ids`: the run's recorded
+    PromptLayout prefix (jaxtx.run_dir; empty for every objective train has today). EOS ends generation."""
+    sp = SentencePieceTokenizer(Path(path), prefix_ids=list(prefix_ids))
     eos = sp.sp.eos_id()
     if eos >= 0:
-        sp.prefix_ids, sp.eos_ids = [eos], (eos,)
+        sp.eos_ids = (eos,)
     return sp
 
 

@@ -113,7 +113,8 @@ def sp_model(tmp_path_factory):
 
 def test_sentencepiece_run_tokenizer(sp_model):
     tok = tokenizer.load_run_tokenizer(sp_model)
-    assert tok.encode("the fox")[0] == 3 and tok.eos_ids == (3,)  # run dirs: documents follow an EOS
+    assert tok.encode("the fox") == tok.encode("the fox", add_special_tokens=False) and tok.eos_ids == (3,)
+    assert tokenizer.load_run_tokenizer(sp_model, prefix_ids=[2]).encode("the fox")[0] == 2  # the recorded layout
     for text in TEXTS[:2] + ["the quick brown fox"]:
         ids = tok.encode(text, add_special_tokens=False)
         assert tok.decode(ids) == text
