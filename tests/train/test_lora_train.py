@@ -2,6 +2,8 @@
 step's memory), the adapter learns what the frozen base cannot, DPO's reference is the base with the adapter off."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -116,7 +118,8 @@ def _accuracy(model, params, rows):
     return float((np.asarray(jnp.argmax(logits[:, :-1], -1)) == rows[:, 1:]).mean())
 
 
-def learn_permutation(extra, steps=120, seed=0):
+@functools.lru_cache(maxsize=4)  # the float LoRA run serves two tests
+def learn_permutation(extra: tuple, steps=120, seed=0):
     """Train an adapter on a frozen random base to map each token to perm[token]; (held-out accuracy, base accuracy,
     held-out loss, model, params)."""
     cfg, mc, model, opt, mesh, rules, state = _setup([*extra, "optim.lr=1e-2", "optim.warmup_steps=0",
@@ -137,7 +140,7 @@ def learn_permutation(extra, steps=120, seed=0):
 
 
 def test_adapter_learns_what_the_frozen_base_cannot():
-    acc, base_acc, loss, _, _ = learn_permutation([*LORA, "lora.r=8"])
+    acc, base_acc, loss, _, _ = learn_permutation((*LORA, "lora.r=8"))
     assert base_acc < 0.1  # a random base: chance is 1/32
     assert acc > 0.95, (acc, base_acc, loss)
 
@@ -175,8 +178,8 @@ def test_qlora_on_nf4_base_matches_lora_on_float_base():
     on the float base, within 0.05 nats (stated tolerance; measured difference ~0.01). The quantized base holds no
     float kernels."""
     from jaxtx import quant
-    acc_f, _, loss_f, _, _ = learn_permutation([*LORA, "lora.r=8"])
-    acc_q, base_q, loss_q, model, params = learn_permutation([*LORA, "lora.r=8", "lora.quantize=nf4"])
+    acc_f, _, loss_f, _, _ = learn_permutation((*LORA, "lora.r=8"))
+    acc_q, base_q, loss_q, model, params = learn_permutation((*LORA, "lora.r=8", "lora.quantize=nf4"))
     kernels = [x for x in jax.tree.leaves(params, is_leaf=quant.is_quantized) if quant.is_quantized(x)]
     assert kernels and all(k.scheme == "nf4" for k in kernels)
     assert base_q < 0.1 and acc_q > 0.95, (acc_q, loss_q)
