@@ -82,6 +82,28 @@ def read_layer(a: Optional[Layers], layer):
     return jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False)
 
 
+def layer_zeros(cfg: ModelConfig, n_layers: int, shape: tuple, dtype) -> Layers:
+    """Zeros for one per-layer field laid out like cfg's layers: stacked [L, *shape] when cfg.scan_layers, else a
+    tuple of L separate buffers (each updated in place by its layer)."""
+    if cfg.scan_layers:
+        return jnp.zeros((n_layers,) + tuple(shape), dtype)
+    return tuple(jnp.zeros(shape, dtype) for _ in range(n_layers))
+
+
+class LayerLayout:
+    """What both caches (KVCache, PagedKVCache) share: per-layer fields `k`, `v`, laid out as `layer_zeros` makes
+    them, and `k_scale`, set only for int8 storage."""
+
+    @property
+    def stacked(self) -> bool:
+        """True when the per-layer fields are [L, ...] arrays (scanned models), False for tuples (unrolled)."""
+        return not isinstance(self.k, tuple)
+
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale is not None
+
+
 def update_layer(a: Layers, layer, fn: Callable[[jax.Array, tuple], jax.Array]) -> Layers:
     """`fn(array, prefix)` applied to layer `layer`, where `prefix` is the index tuple that selects the layer inside
     `array` (`(layer,)` for a stacked array, `()` for a tuple element), so a scatter goes straight into the stack."""
@@ -104,7 +126,7 @@ class StaticStep:
 
 
 @flax.struct.dataclass
-class KVCache:
+class KVCache(LayerLayout):
     k: Layers  # [L, B, K, S, Hd] or L x [B, K, S, Hd] (int8 when quantized)
     v: Layers
     pos: jax.Array  # [B, S] int32, absolute position in each slot, -1 = empty
@@ -136,8 +158,8 @@ class KVCache:
         shape = (batch, cfg.kv_heads, S, cfg.hd)
         kv_dtype = jnp.int8 if quantize else dtype
 
-        def zeros(shape, dt):  # separate buffers per field and layer: each is updated in place
-            return jnp.zeros((L,) + shape, dt) if cfg.scan_layers else tuple(jnp.zeros(shape, dt) for _ in range(L))
+        def zeros(shape, dt):
+            return layer_zeros(cfg, L, shape, dt)
         return cls(k=zeros(shape, kv_dtype), v=zeros(shape, kv_dtype),
                    pos=jnp.full((batch, S), -1, jnp.int32), lengths=jnp.zeros((batch,), jnp.int32),
                    k_scale=zeros(shape[:-1], jnp.float32) if quantize else None,
@@ -147,15 +169,6 @@ class KVCache:
     @property
     def slots(self) -> int:
         return self.pos.shape[1]
-
-    @property
-    def stacked(self) -> bool:
-        """True when the per-layer fields are [L, ...] arrays (scanned models), False for tuples (unrolled)."""
-        return not isinstance(self.k, tuple)
-
-    @property
-    def quantized(self) -> bool:
-        return self.k_scale is not None
 
     def is_full(self, next_pos_B) -> jax.Array:
         """[B] bool: the row cannot take a token at next_pos_B (a ring buffer never fills)."""

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxtx import kernels
-from jaxtx.cache import AttentionContext, Layers, quantize_int8, read_layer, update_layer
+from jaxtx.cache import AttentionContext, LayerLayout, Layers, layer_zeros, quantize_int8, read_layer, update_layer
 from jaxtx.config import ModelConfig
 from jaxtx.layers.common import dtype_of
 
@@ -43,7 +43,7 @@ class PagedStep:
 
 
 @flax.struct.dataclass
-class PagedKVCache:
+class PagedKVCache(LayerLayout):
     k: Layers  # [L, K, P, ps, Hd] or L x [K, P, ps, Hd] (int8 when quantized)
     v: Layers
     k_scale: Optional[Layers] = None  # [L, K, P, ps] or L x [K, P, ps] float32 (int8 pages only)
@@ -71,20 +71,10 @@ class PagedKVCache:
         shape = (cfg.kv_heads, num_pages, page_size, cfg.hd)
 
         def zeros(shape, dt):
-            if cfg.scan_layers:
-                return jnp.zeros((cfg.n_layers,) + shape, dt)
-            return tuple(jnp.zeros(shape, dt) for _ in range(cfg.n_layers))
+            return layer_zeros(cfg, cfg.n_layers, shape, dt)
         return cls(k=zeros(shape, jnp.int8 if quantize else dtype), v=zeros(shape, jnp.int8 if quantize else dtype),
                    k_scale=zeros(shape[:-1], jnp.float32) if quantize else None,
                    v_scale=zeros(shape[:-1], jnp.float32) if quantize else None, dtype=dtype.name)
-
-    @property
-    def stacked(self) -> bool:
-        return not isinstance(self.k, tuple)
-
-    @property
-    def quantized(self) -> bool:
-        return self.k_scale is not None
 
     @property
     def _layer_shape(self) -> tuple:  # [K, P, ps, Hd]
