@@ -57,8 +57,8 @@ def test_serve_run_dir(tmp_path):
     model, params = for_decoding(loaded.model, loaded.params)
     with TestClient(app) as http:
         client = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=http, max_retries=0)
-        ids = tok.encode("the quick brown")
-        assert ids[0] == 3  # run dirs: the prompt follows an EOS, as training documents do
+        ids = loaded.prompt_layout.apply(tok.encode("the quick brown", add_special_tokens=False))
+        assert ids[0] != 3  # run dirs: prompted as training laid them out (run_dir.PromptLayout), not after an EOS
         want = generate(model, params, [ids], max_new_tokens=12, eos_id=3).tokens[0]
         r = client.completions.create(model="run", prompt="the quick brown", max_tokens=12, temperature=0)
         assert r.choices[0].text == tok.decode(ids + want)[len(tok.decode(ids)):]
