@@ -35,7 +35,8 @@ def _options(p, required: bool) -> None:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("aot", help="compile the train step for a TPU topology (no TPU needed); report HBM, FLOPs",
+    p = subparsers.add_parser("aot",
+                              help="compile the train step for a TPU topology (no TPU needed); report HBM, FLOPs",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _options(p, required=False)
     p.add_argument("config", help="run config (YAML path or name) or a model preset name (e.g. llama3-8b)")
@@ -141,6 +142,7 @@ def compile_train_step(run_cfg, devices, hbm: int = 0):
     import jax
     from jaxtx import model as jmodel
     from jaxtx import sharding as shd
+    from jaxtx import sizing
     from jaxtx.train.optim import make_optimizer
     from jaxtx.train.step import abstract_batch, make_train_step, state_shardings
 
@@ -161,10 +163,9 @@ def compile_train_step(run_cfg, devices, hbm: int = 0):
         t1 = time.perf_counter()
         compiled = _compile(lowered, "train step", (state, batch), hbm)
         t2 = time.perf_counter()
-    n_params = n_active = sum(x.size for x in jax.tree.leaves(state["params"]))
-    if cfg.is_moe:  # a token runs k of E experts: count active params for the FLOPs estimate
-        n_ffn = (3 if cfg.gated else 2) * cfg.d_model * cfg.d_ff * cfg.num_experts * cfg.n_layers
-        n_active -= round(n_ffn * (1 - cfg.experts_per_token / cfg.num_experts))
+    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    counts = sizing.param_counts(cfg)  # a token runs k of E experts: the FLOPs estimate counts only those
+    n_active = n_params - (counts.ffn - counts.ffn_active)
     replicated = shd.check_replicated(state["params"], threshold_bytes=64 * 2**20)
     return compiled, {"lower_s": t1 - t0, "compile_s": t2 - t1, "mesh": dict(mesh.shape), "n_params": n_params,
                       "n_active": n_active, "tokens": run_cfg.train.batch_size * run_cfg.train.seq_len,
@@ -174,8 +175,8 @@ def compile_train_step(run_cfg, devices, hbm: int = 0):
 def compile_decode_step(run_cfg, devices, batch: int, max_len: int, hbm: int = 0, weights: str | None = None):
     """Lower and compile one decode step (a token per row against a KV cache of max_len slots, cache donated), params
     in the compute dtype as served, or quantized (`weights`: a jaxtx.quant scheme name such as "int8" or "int4-g128";
-    scales shard with their kernels, jaxtx.quant.shardings). The cache is split like the activations: rows over the batch axes, kv heads over
-    tensor. Returns (compiled, info dict)."""
+    scales shard with their kernels, jaxtx.quant.shardings). The cache is split like the activations: rows over the
+    batch axes, kv heads over tensor. Returns (compiled, info dict)."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding
