@@ -73,16 +73,6 @@ def _heldout(args, model, params, tok):
     return jnp.asarray(np.asarray(rows, np.int32)), "float-model samples"
 
 
-def _median(fn, repeats):
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
 def _paired(long, short, repeats):
     """Median over repeats of (time of long - time of short), each pair run back to back: on a shared machine the
     difference of two separate medians drifts (even below 0)."""
