@@ -41,12 +41,12 @@ def register(sub) -> None:
 def _load(args):
     import jax
 
-    import jaxtx.model as M
+    import jaxtx.model as model_lib
     from jaxtx.config import load_model_config
     if args.config:
         cfg = load_model_config(args.config, args.set).replace(dtype="float32", param_dtype="float32")
-        model = M.build(cfg)
-        return model, M.init_params(model, jax.random.key(0)), None
+        model = model_lib.build(cfg)
+        return model, model_lib.init_params(model, jax.random.key(0)), None
     from jaxtx.infer import loading
     loaded = loading.load_run(args.run) if args.run else loading.load_hf(args.hf)
     return loaded.model, loaded.params, loaded.tokenizer
@@ -128,8 +128,9 @@ def run(args) -> int:
         logits = fwd(p, ids)
         q_ppl = ppl(logits)
         agree = float(jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(ref, -1)))
-        row = [name, f"{quant.weight_bytes(p) / 2**20:.1f}", f"{quant.weight_bytes(p) / quant.weight_bytes(params):.2f}",
-               f"{q_ppl:.3f}", f"{100 * (q_ppl / base_ppl - 1):+.2f}%", f"{agree:.3f}"]
+        row = [name, f"{quant.weight_bytes(p) / 2**20:.1f}",
+               f"{quant.weight_bytes(p) / quant.weight_bytes(params):.2f}", f"{q_ppl:.3f}",
+               f"{100 * (q_ppl / base_ppl - 1):+.2f}%", f"{agree:.3f}"]
         for b in args.batch:
             prompts = np.asarray(ids[:1, :8]).repeat(b, 0).tolist()
 

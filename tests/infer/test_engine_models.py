@@ -98,7 +98,8 @@ def test_nan_pool_and_no_compilation_after_warmup():
         lambda name, *a, **k: traces.append(name) if name == "/jax/core/compile/jaxpr_trace_duration" else None)
     assert eng.generate(ps, max_new_tokens=9).tokens == ref
     out = drive(eng, [(p, dict(max_new_tokens=int(rng.integers(1, 12)), logprobs=1, seed=i,
-                               sampling=Sampling(temperature=float(rng.uniform(0, 1.5)), top_k=int(rng.integers(0, 9)))))
+                               sampling=Sampling(temperature=float(rng.uniform(0, 1.5)),
+                                                 top_k=int(rng.integers(0, 9)))))
                       for i, p in enumerate(prompts(rng, 8))], rng)
     assert len(out) == 8 and eng.compiled() == n0 and traces == []
 
@@ -147,12 +148,12 @@ def test_scanned_layers_and_prefix_cache_hits_match_generate():
 
 def test_sharded_params_over_a_tensor_mesh():
     """Params split over a 2-way tensor axis (kv heads 2 -> one per device): the pages follow, tokens unchanged."""
-    from jaxtx import model as M
-    from jaxtx import sharding as S
+    from jaxtx import model as model_lib
+    from jaxtx import sharding
     model, _ = small_model("llama", ("vocab_size=98",))  # the vocab splits over tensor too
-    mesh = S.make_mesh(S.MeshConfig(tensor=2), devices=jax.devices()[:2])
-    rules = S.rules_for("tp")
-    sharded = S.init_sharded(model, jax.random.key(0), mesh, rules, *M.dummy_inputs(model.cfg))
+    mesh = sharding.make_mesh(sharding.MeshConfig(tensor=2), devices=jax.devices()[:2])
+    rules = sharding.rules_for("tp")
+    sharded = sharding.init_sharded(model, jax.random.key(0), mesh, rules, *model_lib.dummy_inputs(model.cfg))
     eng = Engine(model, sharded, config(decode_steps=2, max_logprobs=0), mesh=mesh, rules=rules)
     k0 = eng.state.cache.k if eng.state.cache.stacked else eng.state.cache.k[0]
     assert len(k0.sharding.device_set) == 2 and k0.addressable_shards[0].data.shape[-4] == 1

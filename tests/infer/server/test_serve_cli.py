@@ -10,7 +10,7 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
-from jaxtx import model as M
+from jaxtx import model as model_lib
 from jaxtx.config import load_model_config
 from jaxtx.infer.server import cli
 
@@ -19,8 +19,8 @@ def _write_run_dir(path):
     spm = pytest.importorskip("sentencepiece")
     cfg = load_model_config("tiny", ["vocab_size=128", "d_model=32", "n_heads=4", "n_kv_heads=2", "d_ff=64",
                                      "n_layers=2", "init_std=0.3", "max_seq_len=128"])
-    model = M.build(cfg)
-    params = M.init_params(model, jax.random.key(0))
+    model = model_lib.build(cfg)
+    params = model_lib.init_params(model, jax.random.key(0))
     text = "hello world, the quick brown fox jumps over the lazy dog\n" * 50
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(text.splitlines(keepends=True)), model_writer=buf,
