@@ -1,4 +1,4 @@
-"""Checkpoints: orbax CheckpointManager with async saves, keep-last-K, and a restore that survives a damaged newest step.
+"""Checkpoints: orbax CheckpointManager with async saves, keep-last-K, a restore that survives a damaged newest step.
 
 Each step directory holds `state` (the TrainState pytree) and `meta` (JSON: the data iterator state and the step); the
 layout belongs to jaxtx.run_dir. Orbax writes a step into a temporary directory and renames it when complete, so a

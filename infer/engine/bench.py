@@ -38,7 +38,8 @@ def register(bench_subparsers) -> None:
     p.add_argument("--max-tokens-per-step", type=integer(1), default=256)
     p.add_argument("--decode-steps", type=integer(1), nargs="+", default=[8],
                    help="decode steps per jitted loop (several values: offline throughput of each; 1 = off)")
-    p.add_argument("--shared-prefix", type=integer(0), default=512, help="prefix workload: shared prompt tokens (0: skip)")
+    p.add_argument("--shared-prefix", type=integer(0), default=512,
+                   help="prefix workload: shared prompt tokens (0: skip)")
     p.add_argument("--prefix-requests", type=integer(2), default=8)
     p.add_argument("--no-static", action="store_true", help="skip the static-batching baseline")
     p.add_argument("--http", action="store_true", help="also the offline workload through `jaxtx serve` by "
@@ -116,7 +117,7 @@ def run(args) -> int:
     import jax
     import numpy as np
 
-    from jaxtx import model as M
+    from jaxtx import model as model_lib
     from jaxtx.config import load_model_config
     from jaxtx.infer.engine import Engine, EngineConfig
     from jaxtx.infer.generation import for_decoding
@@ -128,7 +129,7 @@ def run(args) -> int:
     cfg = load_model_config(args.config, args.set)
     if cfg.kind != "decoder":
         raise ValueError(f"bench serve: needs a decoder-only config, got kind {cfg.kind!r}")
-    model, params = for_decoding(*((m := M.build(cfg)), M.init_params(m, jax.random.key(0))))
+    model, params = for_decoding(*((m := model_lib.build(cfg)), model_lib.init_params(m, jax.random.key(0))))
     reqs = workload(args.requests, args.prompt_len, args.output_len, cfg.vocab_size, args.seed)
     ps = args.page_size
     longest = max(len(p) + o for p, o in reqs)
@@ -157,7 +158,8 @@ def run(args) -> int:
     def row(name, r, kv):
         tps = r["tokens"] / r["wall"]
         tp = r.get("tpot", [])
-        print(f"{name:<22}{tps:>9.1f}{r['wall']:>9.2f}{pct(r['ttft'], 50) * 1e3:>8.0f}ms{pct(r['ttft'], 99) * 1e3:>8.0f}ms"
+        ttft = f"{pct(r['ttft'], 50) * 1e3:>8.0f}ms{pct(r['ttft'], 99) * 1e3:>8.0f}ms"
+        print(f"{name:<22}{tps:>9.1f}{r['wall']:>9.2f}{ttft}"
               + (f"{pct(tp, 50) * 1e3:>8.1f}ms{pct(tp, 99) * 1e3:>8.1f}ms" if tp else f"{'-':>10}{'-':>10}")
               + f"{kv / 2**20:>9.1f}", flush=True)
         rows.append((name, tps))

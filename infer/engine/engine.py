@@ -196,8 +196,8 @@ class Engine:
         return bool(self.sched.running or self.sched.waiting)
 
     def stats(self) -> dict:
-        return {**self.sched.stats(), "generated_tokens": self._generated, "kv_bytes": self.kv_bytes, "compiled": self.compiled(),
-                "decode_loops": self.multi_steps}
+        return {**self.sched.stats(), "generated_tokens": self._generated, "kv_bytes": self.kv_bytes,
+                "compiled": self.compiled(), "decode_loops": self.multi_steps}
 
     def _drain(self) -> list:
         with self._lock:

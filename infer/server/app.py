@@ -25,7 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from jaxtx.infer.sampling import Sampling
-from jaxtx.infer.server import chat_template, schemas as S, structured
+from jaxtx.infer.server import chat_template, schemas, structured
 from jaxtx.infer.server.metrics import Metrics
 from jaxtx.infer.server.outputs import Choice
 from jaxtx.infer.server.runner import EngineDied, EngineLoop
@@ -59,8 +59,8 @@ class APIError(Exception):
         kind = ("invalid_request_error" if self.status < 500 and self.status not in (401, 429) else
                 "authentication_error" if self.status == 401 else "rate_limit_error" if self.status == 429 else
                 "server_error")
-        return JSONResponse(S.ErrorResponse(error=S.ErrorBody(message=self.message, type=kind, param=self.param,
-                                                              code=self.code)).model_dump(), status_code=self.status)
+        body = schemas.ErrorBody(message=self.message, type=kind, param=self.param, code=self.code)
+        return JSONResponse(schemas.ErrorResponse(error=body).model_dump(), status_code=self.status)
 
 
 class _ClientGone(Exception):
@@ -257,14 +257,14 @@ def create_app(engine, tokenizer: Tokenizer, config: ServeConfig) -> FastAPI:
             raise APIError(400, str(e)) from None
         return job
 
-    def usage(job: _Job, prompts: list[list[int]], n: int) -> S.Usage:
+    def usage(job: _Job, prompts: list[list[int]], n: int) -> schemas.Usage:
         """OpenAI counts each prompt once however many choices share it; cached tokens come from the prefix cache."""
         prompt_tokens = sum(len(p) for p in prompts)
         completion = sum(len(c.token_ids) for c in job.choices)
         cached = sum(max(c.cached_tokens for c in job.choices[i * n:(i + 1) * n]) for i in range(len(prompts)))
-        return S.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,
+        return schemas.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,
                        total_tokens=prompt_tokens + completion,
-                       prompt_tokens_details=S.PromptTokensDetails(cached_tokens=cached))
+                       prompt_tokens_details=schemas.PromptTokensDetails(cached_tokens=cached))
 
     def account(job: _Job, endpoint: str, status: int, t0: float) -> None:
         metrics.request_done(endpoint, status, time.monotonic() - t0)
@@ -302,7 +302,7 @@ def create_app(engine, tokenizer: Tokenizer, config: ServeConfig) -> FastAPI:
 
     # ---------------------------------------------------------------------------------------------- routes
     @app.post("/v1/completions", dependencies=[Depends(auth)])
-    async def completions(req: S.CompletionRequest, request: Request):
+    async def completions(req: schemas.CompletionRequest, request: Request):
         t0 = time.monotonic()
         check_model(req.model)
         texts, prompts = [], []
@@ -333,25 +333,25 @@ def create_app(engine, tokenizer: Tokenizer, config: ServeConfig) -> FastAPI:
                     if not text and not c.finished and not (want_lp and len(c.token_ids) > before):
                         continue
                     first, c.first = c.first, False
-                    choice = S.CompletionChoice(index=c.index, text=(echo_text(c) if first else "") + text,
+                    choice = schemas.CompletionChoice(index=c.index, text=(echo_text(c) if first else "") + text,
                                                 logprobs=logprobs_of(c, before, len(c.token_ids), first),
                                                 finish_reason=c.finish_reason)
-                    yield _sse(S.Completion(id=cid, created=created, model=config.model_name, choices=[choice]))
+                    yield _sse(schemas.Completion(id=cid, created=created, model=config.model_name, choices=[choice]))
             if include_usage:
-                yield _sse(S.Completion(id=cid, created=created, model=config.model_name, choices=[],
+                yield _sse(schemas.Completion(id=cid, created=created, model=config.model_name, choices=[],
                                         usage=usage(job, prompts, n)))
 
         def final_body():
-            choices = [S.CompletionChoice(index=c.index, text=echo_text(c) + c.text,
+            choices = [schemas.CompletionChoice(index=c.index, text=echo_text(c) + c.text,
                                           logprobs=logprobs_of(c, 0, len(c.token_ids), True),
                                           finish_reason=c.finish_reason) for c in job.choices]
-            return S.Completion(id=cid, created=created, model=config.model_name, choices=choices,
+            return schemas.Completion(id=cid, created=created, model=config.model_name, choices=choices,
                                 usage=usage(job, prompts, n))
 
         return await run(request, job, t0, "completions", stream_body, final_body, bool(req.stream))
 
     @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
-    async def chat(req: S.ChatRequest, request: Request):
+    async def chat(req: schemas.ChatRequest, request: Request):
         t0 = time.monotonic()
         check_model(req.model)
         if tokenizer.chat_template is None:
@@ -385,25 +385,25 @@ def create_app(engine, tokenizer: Tokenizer, config: ServeConfig) -> FastAPI:
             extra = dict(usage=None) if include_usage else {}
             for c in job.choices:  # the role comes first, as OpenAI sends it
                 c.first = False
-                yield _sse(S.ChatCompletionChunk(id=cid, created=created, model=config.model_name, choices=[
-                    S.ChunkChoice(index=c.index, delta=S.Delta(role="assistant", content=""))], **extra))
+                yield _sse(schemas.ChatCompletionChunk(id=cid, created=created, model=config.model_name, choices=[
+                    schemas.ChunkChoice(index=c.index, delta=schemas.Delta(role="assistant", content=""))], **extra))
             while not job.done:
                 for c, text, before in await job.next(None):
                     if not text and not c.finished and not (req.logprobs and len(c.token_ids) > before):
                         continue
                     lp = c.chat_logprobs(before, len(c.token_ids)) if req.logprobs else None
-                    yield _sse(S.ChatCompletionChunk(id=cid, created=created, model=config.model_name, choices=[
-                        S.ChunkChoice(index=c.index, delta=S.Delta(content=text or None), logprobs=lp,
+                    yield _sse(schemas.ChatCompletionChunk(id=cid, created=created, model=config.model_name, choices=[
+                        schemas.ChunkChoice(index=c.index, delta=schemas.Delta(content=text or None), logprobs=lp,
                                       finish_reason=c.finish_reason)], **extra))
             if include_usage:
-                yield _sse(S.ChatCompletionChunk(id=cid, created=created, model=config.model_name, choices=[],
+                yield _sse(schemas.ChatCompletionChunk(id=cid, created=created, model=config.model_name, choices=[],
                                                  usage=usage(job, [ids], n)))
 
         def final_body():
-            choices = [S.ChatChoice(index=c.index, message=S.AssistantMessage(content=c.text),
+            choices = [schemas.ChatChoice(index=c.index, message=schemas.AssistantMessage(content=c.text),
                                     logprobs=c.chat_logprobs(0, len(c.token_ids)) if req.logprobs else None,
                                     finish_reason=c.finish_reason) for c in job.choices]
-            return S.ChatCompletion(id=cid, created=created, model=config.model_name, choices=choices,
+            return schemas.ChatCompletion(id=cid, created=created, model=config.model_name, choices=choices,
                                     usage=usage(job, [ids], n))
 
         return await run(request, job, t0, "chat", stream_body, final_body, bool(req.stream))
@@ -412,7 +412,7 @@ def create_app(engine, tokenizer: Tokenizer, config: ServeConfig) -> FastAPI:
 
     @app.get("/v1/models", dependencies=[Depends(auth)])
     async def models():
-        return Response(S.ModelList(data=[S.ModelCard(id=config.model_name, created=started,
+        return Response(schemas.ModelList(data=[schemas.ModelCard(id=config.model_name, created=started,
                                                       max_model_len=config.max_model_len)]).model_dump_json(),
                         media_type="application/json")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from jaxtx.infer.server import schemas as S
+from jaxtx.infer.server import schemas
 from jaxtx.infer.server.tokenizer import IncrementalDecoder, Tokenizer
 
 
@@ -94,9 +94,10 @@ class Choice:
     def _tops(self, i: int) -> dict[int, float]:
         return self.top_logprobs[i] if i < len(self.top_logprobs) and self.top_logprobs[i] is not None else {}
 
-    def completion_logprobs(self, start: int, end: int, *, echo_prompt: bool, offset0: int) -> S.CompletionLogprobs:
+    def completion_logprobs(self, start: int, end: int, *, echo_prompt: bool,
+                            offset0: int) -> schemas.CompletionLogprobs:
         """Completions layout for generated tokens [start, end), with the prompt's tokens first when echo_prompt."""
-        out = S.CompletionLogprobs()
+        out = schemas.CompletionLogprobs()
         offset = offset0
         rows = []
         if echo_prompt:
@@ -117,15 +118,15 @@ class Choice:
             offset += len(s)
         return out
 
-    def chat_logprobs(self, start: int, end: int) -> S.ChoiceLogprobs:
+    def chat_logprobs(self, start: int, end: int) -> schemas.ChoiceLogprobs:
         content = []
         for i in range(start, min(end, len(self.logprobs))):
             t = self.token_ids[i]
-            tops = [S.TopLogprob(token=self.tok.token_str(a), logprob=b, bytes=list(self.tok.token_bytes(a)))
+            tops = [schemas.TopLogprob(token=self.tok.token_str(a), logprob=b, bytes=list(self.tok.token_bytes(a)))
                     for a, b in sorted(self._tops(i).items(), key=lambda kv: -kv[1])]
-            content.append(S.TokenLogprob(token=self.tok.token_str(t), logprob=self.logprobs[i],
+            content.append(schemas.TokenLogprob(token=self.tok.token_str(t), logprob=self.logprobs[i],
                                           bytes=list(self.tok.token_bytes(t)), top_logprobs=tops))
-        return S.ChoiceLogprobs(content=content)
+        return schemas.ChoiceLogprobs(content=content)
 
 
 def _partial_stop(text: str, stops: Sequence[str], limit: int) -> int:
