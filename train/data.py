@@ -187,9 +187,9 @@ def get_tokenizer(cfg: RunConfig, model_cfg: ModelConfig, train_docs: list, run_
     if cfg.data.tokenizer:
         try:
             tok = Tokenizer.load(cfg.data.tokenizer)
-        except (RuntimeError, OSError) as e:  # sentencepiece: "could not parse ModelProto"; a folder: IsADirectory
-            raise ConfigError(f"data.tokenizer={cfg.data.tokenizer!r}: not a sentencepiece model "
-                              f"({' '.join(str(e).split())})") from e
+        except (ConfigError, OSError) as e:  # Tokenizer.load: "<path>: not a sentencepiece model (...)" / not found
+            reason = str(e).removeprefix(f"{Path(cfg.data.tokenizer)}: ")
+            raise ConfigError(f"data.tokenizer={cfg.data.tokenizer!r}: {' '.join(reason.split())}") from None
     elif saved is not None and saved.exists():
         tok = Tokenizer.load(saved)
     else:

@@ -46,7 +46,7 @@ class Tokenizer(TextTokenizer):
     def load(cls, path: str | Path) -> "Tokenizer":
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"data.tokenizer={str(path)!r}: file not found")
+            raise ConfigError(f"{p}: file not found")
         try:
             return cls(p.read_bytes())
         except RuntimeError as e:  # sentencepiece cannot parse it
