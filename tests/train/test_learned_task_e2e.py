@@ -24,12 +24,15 @@ from jaxtx.cli import main
 from jaxtx.train.tokenizer import EOS
 
 N_DIGITS, N_TRAIN, N_HELD = 4, 3000, 40
+N_NEW = N_DIGITS + 2  # the answer, EOS, and one more: a model that does not stop is caught
 
 
-@pytest.fixture(autouse=True)
-def _no_persistent_cache(monkeypatch):
+@pytest.fixture(scope="module", autouse=True)
+def _no_persistent_cache():
     import jaxtx.train.cli
-    monkeypatch.setattr(jaxtx.train.cli, "setup_jax_cache", lambda: None)  # keep the test process's own jax config
+    with pytest.MonkeyPatch.context() as mp:  # keep the test process's own jax config
+        mp.setattr(jaxtx.train.cli, "setup_jax_cache", lambda: None)
+        yield
 
 
 TASKS = {"plus1": lambda s: "".join(str((int(c) + 1) % 10) for c in s), "reverse": lambda s: s[::-1]}
@@ -42,7 +45,7 @@ def _split(rng) -> tuple[list[str], list[str]]:
     return strs[:N_TRAIN], strs[N_TRAIN:]
 
 
-def _train(tmp, objective: str, task: str, steps: int, capsys) -> tuple:
+def _train(tmp, objective: str, task: str, steps: int) -> tuple:
     """(run dir, held-out prompts, their answers, seconds) after `jaxtx train` on a JSONL file of the task."""
     train, held = _split(np.random.default_rng(0))
     _answer = TASKS[task]
@@ -60,8 +63,7 @@ def _train(tmp, objective: str, task: str, steps: int, capsys) -> tuple:
                "optim.warmup_steps=20", "optim.weight_decay=0.0", "train.log_every=50", f"train.eval_every={steps}",
                f"train.ckpt_every={steps}", "train.eval_batches=1", "train.progress=false", "train.samples=0",
                f"out_dir={out}"])
-    got = capsys.readouterr()
-    assert rc == 0, (got.out + got.err)[-3000:]
+    assert rc == 0  # the log (in pytest's captured output) says why
     return out, [f"{s}=" for s in held], [_answer(s) for s in held], time.perf_counter() - t0
 
 
@@ -144,35 +146,49 @@ def _server_greedy(run, prompts, n_new) -> list[str]:
     return [c.text for c in sorted(r.choices, key=lambda c: c.index)]
 
 
-@pytest.mark.parametrize("objective,task,steps", [("causal", "plus1", 300), ("sft", "reverse", 400)])
-def test_greedy_everywhere_equals_teacher_forced(tmp_path, capsys, objective, task, steps):
-    run, prompts, answers, t_train = _train(tmp_path, objective, task, steps, capsys)
+@pytest.fixture(scope="module", params=[("causal", "plus1", 300), ("sft", "reverse", 400)], ids=["causal", "sft"])
+def trained(request, tmp_path_factory):
+    """(objective, run dir, held-out prompts, answers): trained once per objective for both tests below."""
+    objective, task, steps = request.param
+    tmp = tmp_path_factory.mktemp(objective)
+    run, prompts, answers, secs = _train(tmp, objective, task, steps)
+    print(f"\n{objective}: train {steps} steps {secs:.1f}s")
     layout = rd.read_prompt_layout(run)
     assert layout == rd.PromptLayout()  # decoder objectives: nothing before the user's text (train/sample.py)
-    n_new = N_DIGITS + 2  # the answer, EOS, and one more: a model that does not stop is caught
-    times, got = {"train": t_train}, {}
-    for name, fn in [("teacher-forced", lambda: _teacher_forced(run, prompts, answers, layout)),
-                     ("cli", lambda: _cli_greedy(run, prompts, n_new, tmp_path, capsys)),
-                     ("engine", lambda: _engine_greedy(run, prompts, n_new)),
-                     ("server", lambda: _server_greedy(run, prompts, n_new))]:
-        t0 = time.perf_counter()
-        out = fn()
-        got[name] = out if name == "teacher-forced" else [o == a for o, a in zip(out, answers)]
-        times[name] = time.perf_counter() - t0
+    tf = _teacher_forced(run, prompts, answers, layout)
+    assert sum(tf) >= 0.9 * len(tf), sum(tf)  # learned: a skewed consumer shows in the counts
+    return objective, run, prompts, answers, tf
+
+
+def _report(objective, got: dict, t0: float):
+    print(f"\n{objective}: " + ", ".join(f"{k} {sum(v)}/{len(v)}" for k, v in got.items()) +
+          f" ({time.perf_counter() - t0:.1f}s)")
+
+
+def test_greedy_through_the_cli_equals_teacher_forced(trained, tmp_path, capsys):
+    objective, run, prompts, answers, tf = trained
+    t0 = time.perf_counter()
+    cli = [o == a for o, a in zip(_cli_greedy(run, prompts, N_NEW, tmp_path, capsys), answers)]
     # the layout training did not use: EOS before the prompt (what `jaxtx generate --run` fed before issue 10)
     eos = rd.PromptLayout(prefix=(EOS,))
-    t0 = time.perf_counter()
-    got["teacher-forced, EOS prefix"] = _teacher_forced(run, prompts, answers, eos)
-    skewed = _with_layout(run, tmp_path, eos)
-    got["cli, EOS prefix"] = [o == a for o, a in zip(_cli_greedy(skewed, prompts, n_new, tmp_path, capsys), answers)]
-    times["EOS prefix"] = time.perf_counter() - t0
+    tf_eos = _teacher_forced(run, prompts, answers, eos)
+    cli_eos = [o == a for o, a in zip(_cli_greedy(_with_layout(run, tmp_path, eos), prompts, N_NEW, tmp_path, capsys),
+                                      answers)]
     with capsys.disabled():
-        print(f"\n{objective}: " + ", ".join(f"{k} {sum(v)}/{len(v)}" for k, v in got.items()) + " | " +
-              ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
-    tf = got["teacher-forced"]
-    assert sum(tf) >= 0.9 * len(tf)  # learned: a skewed consumer would show in the counts below
-    for name in ["cli", "engine", "server"]:
-        assert got[name] == tf, name  # row by row
-    assert got["cli, EOS prefix"] == got["teacher-forced, EOS prefix"]
+        _report(objective, {"teacher-forced": tf, "cli": cli, "teacher-forced EOS-prefixed": tf_eos,
+                            "cli EOS-prefixed": cli_eos}, t0)
+    assert cli == tf  # row by row
+    assert cli_eos == tf_eos
     # neither a packed document nor an SFT row ever has an EOS before its text: the model answers worse after one
-    assert sum(got["cli, EOS prefix"]) < sum(tf) - 0.2 * len(tf)
+    assert sum(cli_eos) < sum(tf) - 0.2 * len(tf)
+
+
+@pytest.mark.slow  # compiling the engine's steps and the server's warm-up: ~90 s cold on a loaded 2-core machine
+def test_greedy_through_the_engine_and_server_equals_teacher_forced(trained, capsys):
+    objective, run, prompts, answers, tf = trained
+    t0 = time.perf_counter()
+    engine = [o == a for o, a in zip(_engine_greedy(run, prompts, N_NEW), answers)]
+    server = [o == a for o, a in zip(_server_greedy(run, prompts, N_NEW), answers)]
+    with capsys.disabled():
+        _report(objective, {"teacher-forced": tf, "engine": engine, "server": server}, t0)
+    assert engine == tf and server == tf  # row by row
