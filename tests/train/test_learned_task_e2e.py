@@ -9,7 +9,9 @@ Tasks on 4 digits, 3000 training strings, 40 held-out ones: causal learns "each 
 JSONL record ("3827=4938"); SFT learns reversal, {"prompt": "3827=", "response": "7283"}. The tokenizer is the run's
 own sentencepiece BPE (split_digits: one token per digit). Measured (40 held-out prompts, exact match of the answer
 and its EOS): causal 40/40 teacher-forced = CLI = engine = server, 25/40 after an EOS prefix; SFT 40/40, 28/40 after
-an EOS prefix. Before `jaxtx serve` read the run's layout, the server answered 25/40 on the causal task."""
+an EOS prefix. Before `jaxtx serve` read the run's layout, the server answered 25/40 on the causal task.
+Time: ~80 s for the file with no jit cache on the 2-core machine at load 5 (training ~40 s, the engine and serve
+compiles ~30 s), ~45 s with the persistent cache warm."""
 import json
 import shutil
 import time
@@ -183,7 +185,6 @@ def test_greedy_through_the_cli_equals_teacher_forced(trained, tmp_path, capsys)
     assert sum(cli_eos) < sum(tf) - 0.2 * len(tf)
 
 
-@pytest.mark.slow  # compiling the engine's steps and the server's warm-up: ~90 s cold on a loaded 2-core machine
 def test_greedy_through_the_engine_and_server_equals_teacher_forced(trained, capsys):
     objective, run, prompts, answers, tf = trained
     t0 = time.perf_counter()
