@@ -8,9 +8,9 @@
     model, params = load_peft(model, base_params, "adapter_dir")
     save_peft(model, params, "out_dir", base_model_name_or_path="meta-llama/...")
 """
-from jaxtx.lora.core import (LoraConfig, Site, adapter_shardings, adapters, add_lora, combine, has_lora, init_adapters, merge,
-                             merge_report, resolve, sites, split, strip)
+from jaxtx.lora.core import (LoraConfig, Site, adapter_shardings, adapters, add_lora, combine, has_lora,
+                             init_adapters, merge, merge_report, resolve, sites, split, strip)
 from jaxtx.lora.peft import load_peft, save_peft
 
-__all__ = ["LoraConfig", "Site", "adapter_shardings", "adapters", "add_lora", "combine", "has_lora", "init_adapters", "merge",
-           "merge_report", "resolve", "sites", "split", "strip", "load_peft", "save_peft"]
+__all__ = ["LoraConfig", "Site", "adapter_shardings", "adapters", "add_lora", "combine", "has_lora", "init_adapters",
+           "merge", "merge_report", "resolve", "sites", "split", "strip", "load_peft", "save_peft"]

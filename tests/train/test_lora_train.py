@@ -11,7 +11,7 @@ import pytest
 from train_helpers import run_cfg
 
 from jaxtx import lora
-from jaxtx import model as M
+from jaxtx import model as model_lib
 from jaxtx import sharding as shd
 from jaxtx.train.loop import make_run_mesh
 from jaxtx.train.optim import make_optimizer
@@ -25,7 +25,7 @@ def _setup(extra, steps=10):
     """(run config, model config, model, optimizer, mesh, rules, state) of a tiny LoRA run on one device."""
     cfg = run_cfg([*extra, "train.batch_size=4", "train.seq_len=16"])
     mc = cfg.model_config()
-    model = M.build(mc)
+    model = model_lib.build(mc)
     opt = make_optimizer(cfg.optim, steps)
     mesh, rules = make_run_mesh(cfg)
     with shd.use_mesh(mesh, rules):
@@ -66,7 +66,8 @@ def _compiled(extra):
         abstract, sh = state_shardings(model, mc, cfg, opt, mesh, rules)
         step = make_train_step(model, mc, cfg, opt, mesh=mesh, rules=rules, shardings=sh)
         compiled = step.lower(abstract, abstract_batch(mc, cfg, mesh, rules)).compile()
-    base = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(lora.strip(abstract.get("frozen", abstract["params"]))))
+    base_tree = lora.strip(abstract.get("frozen", abstract["params"]))
+    base = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(base_tree))
     return compiled.memory_analysis(), base
 
 
