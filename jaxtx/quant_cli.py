@@ -184,30 +184,40 @@ def add_args(p) -> None:
                    help="param paths to keep in high precision (repeatable; replaces the default: "
                         f"{' '.join(quant.DEFAULT_SKIP)})")
     p.add_argument("--to", required=True, metavar="DIR", help="output folder (new or empty)")
+    p.add_argument("--force", action="store_true",
+                   help="replace a non-empty --to that holds a model (deleted only after the new folder is complete)")
     p.set_defaults(func=main)
 
 
 def main(args) -> int:
-    from jaxtx import hf
+    from jaxtx import hf, run_dir
+    from jaxtx.hf import convert
 
-    out = Path(args.to)
-    src = Path(args.run or args.hf)
-    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
-        raise QuantizedFolderError(f"--to {out}: inside the source {src}; choose a folder outside it")
+    # The same guarantees as `jaxtx convert` (issue 10): never into its source, a non-empty --to only with --force,
+    # written into a hidden sibling and swapped in, so a failure leaves the old folder or the new one, never a mixture.
+    src_flag = "--run" if args.run else "--hf"
+    src, out = convert.check_paths(args.run or args.hf, args.to, src_flag, force=args.force)
+    layout = None
     if args.hf:
         model, params = hf.load(src)
         cfg, tok, hf_cfg = model.cfg, src, json.loads((src / "config.json").read_text())
     else:
-        from jaxtx import run_dir
         cfg, params = hf.load_jaxtx(src)
         t = run_dir.tokenizer_file(src) if run_dir.is_run_dir(src) else None
         tok, hf_cfg = ([t.path] if t else None), None
+        layout = run_dir.read_prompt_layout(src)  # prompts keep the layout the run was trained with
     if args.group_size is not None and args.scheme not in quant.GROUPED:
         raise ValueError(f"--group-size {args.group_size}: only for int4 and nf4, not {args.scheme}")
     opts = {"group_size": args.group_size, "double_quant": args.double_quant, "w8a8": args.w8a8}
     skip = tuple(args.skip) if args.skip else quant.DEFAULT_SKIP
     qparams = quant.quantize_params(params, args.scheme, skip=skip, **opts)
-    save(out, cfg, qparams, options=opts, skip=skip, hf_config=hf_cfg, tokenizer_from=tok)
+
+    def write(tmp: Path) -> None:
+        save(tmp, cfg, qparams, options=opts, skip=skip, hf_config=hf_cfg, tokenizer_from=tok)
+        if layout is not None:
+            run_dir.write_prompt_layout(tmp, layout)
+
+    convert.write_folder(out, write)
     before, after = quant.weight_bytes(params), quant.weight_bytes(qparams)
     print(f"{out}: {args.scheme}, {len(quant.quantized_paths(qparams))} matrices quantized; weights "
           f"{before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB ({after / before:.2f}x)")

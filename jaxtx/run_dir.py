@@ -268,8 +268,12 @@ def _template_layout(post: dict) -> Optional[PromptLayout]:
 def hf_prompt_layout(hf_dir) -> PromptLayout:
     """What the HF folder's tokenizer itself adds to a prompt (what transformers' tokenizer(text) returns around the
     text): tokenizer.json's post-processor, else tokenizer_config.json add_bos_token / add_eos_token, else the
-    family's default (Llama/Mistral sentencepiece: BOS first; T5: EOS last; GPT-2: nothing)."""
+    family's default (Llama/Mistral sentencepiece: BOS first; T5: EOS last; GPT-2: nothing). A folder that records
+    its layout (prompt_layout.json: `jaxtx quantize --run` of a training run) keeps the layout it was trained with."""
     hf_dir = Path(hf_dir)
+    recorded = read_prompt_layout(hf_dir)
+    if recorded is not None:
+        return recorded
     tj = _json(hf_dir / "tokenizer.json") if (hf_dir / "tokenizer.json").is_file() else {}
     if isinstance(tj.get("post_processor"), dict):
         found = _template_layout(tj["post_processor"])

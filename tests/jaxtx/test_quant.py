@@ -308,7 +308,29 @@ def test_cli_errors(tmp_path, capsys):
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "x").write_text("keep")
     assert main(["quantize", "--hf", str(FIX / "llama"), "--scheme", "int8", "--to", str(tmp_path / "b")]) == 2
-    assert "not an empty folder" in capsys.readouterr().err and (tmp_path / "b" / "x").read_text() == "keep"
+    assert "is not empty" in capsys.readouterr().err and (tmp_path / "b" / "x").read_text() == "keep"
+    # --force replaces a model folder only, and never writes into its source (the guarantees of jaxtx convert)
+    assert main(["quantize", "--hf", str(FIX / "llama"), "--scheme", "int8", "--to", str(tmp_path / "b"),
+                 "--force"]) == 2
+    assert "not a model" in capsys.readouterr().err and (tmp_path / "b" / "x").read_text() == "keep"
+    assert main(["quantize", "--hf", str(FIX / "llama"), "--scheme", "int8", "--to", str(FIX / "llama" / "q")]) == 2
+    assert "inside the source" in capsys.readouterr().err and not (FIX / "llama" / "q").exists()
+    assert main(["quantize", "--hf", str(FIX / "llama"), "--scheme", "int8", "--to", str(tmp_path / "c")]) == 0
+    first = (tmp_path / "c" / "model.safetensors").read_bytes()
+    assert main(["quantize", "--hf", str(FIX / "llama"), "--scheme", "nf4", "--to", str(tmp_path / "c")]) == 2
+    assert main(["quantize", "--hf", str(FIX / "llama"), "--scheme", "nf4", "--to", str(tmp_path / "c"),
+                 "--force"]) == 0
+    assert (tmp_path / "c" / "model.safetensors").read_bytes() != first
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary sibling left
+
+
+def test_quantized_run_keeps_the_runs_prompt_layout(tmp_path):
+    """A quantized training run is prompted as the run was trained (its recorded PromptLayout), not as the copied
+    tokenizer's family default would suggest."""
+    from jaxtx import run_dir
+    (tmp_path / "q").mkdir()
+    run_dir.write_prompt_layout(tmp_path / "q", run_dir.PromptLayout(prefix=(5,)))
+    assert run_dir.hf_prompt_layout(tmp_path / "q") == run_dir.PromptLayout(prefix=(5,))
 
 
 def test_info_weight_bytes_match_real_quantized_params(capsys):
