@@ -45,6 +45,7 @@ from jaxtx.config import ConfigError, ModelConfig, from_dict
 CONFIG = "config.yaml"
 TOKENIZER = "tokenizer.model"
 LAYOUT = "prompt_layout.json"
+LORA_BASE = "lora_base.json"  # a LoRA run: which frozen base its adapters belong to
 CHECKPOINTS = "checkpoints"
 ASIDE = "unreadable_checkpoints"
 
@@ -397,6 +398,11 @@ def load_params(run_dir, step: Optional[int] = None) -> tuple[ModelConfig, dict,
     """(config, params, step) of the newest finished checkpoint (or `step`), restored as the config declares."""
     run_dir = Path(run_dir).absolute()
     cfg, _ = run_config(run_dir)
+    if (run_dir / LORA_BASE).is_file():  # written by jaxtx.train's LoRA runs (train/lora_run.py)
+        base = (_json(run_dir / LORA_BASE) or {}).get("source", "?")
+        raise ConfigError(f"{run_dir}: a LoRA run; its checkpoints hold only the adapters, trained on the base "
+                          f"{base!r}. Export them with jaxtx.lora.save_peft and load the base with its adapter "
+                          "(`jaxtx generate --hf BASE --lora ADAPTER`, `jaxtx convert ... --lora ADAPTER --merge`)")
     steps = checkpoint_steps(run_dir)
     if not steps:
         raise ConfigError(f"{run_dir / CHECKPOINTS}: no finished checkpoint (expected <step>/state)")

@@ -129,3 +129,16 @@ def test_integrity_check_finds_missing_or_truncated_files(tmp_path, damage):
         (state / name).write_bytes(b"" if action == "empty" else b"garbage")
     with pytest.raises(rd.CheckpointDamaged):
         rd.state_metadata(state)
+
+
+def test_a_lora_run_dir_is_refused_with_what_to_do(tmp_path, capsys):
+    """A LoRA run's checkpoints hold only adapters: loading it as a whole model must say so, not fail deep in orbax."""
+    src = _hf_copy(tmp_path, "llama")
+    out = tmp_path / "run"
+    jaxtx.hf.save_jaxtx(jaxtx.hf.load(src)[0].cfg, jaxtx.hf.load(src)[1], out)
+    (out / rd.LORA_BASE).write_text(json.dumps({"source": "/bases/llama", "fingerprint": "0" * 64}))
+    with pytest.raises(jaxtx.config.ConfigError, match="a LoRA run.*'/bases/llama'"):
+        rd.load_params(out)
+    assert main(["generate", "--run", str(out), "--prompt", "x", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "a LoRA run" in err and "Traceback" not in err
