@@ -20,9 +20,14 @@ def register_train(subparsers) -> None:
 
 
 def setup_jax_cache() -> None:
-    """A persistent compilation cache: a resumed run (or a rerun) skips recompiling."""
+    """A persistent compilation cache: a resumed run (or a rerun) skips recompiling. JAXTX_COMPILATION_CACHE names
+    another folder, or `off` (the test suite sets it: two pytest workers sharing one cache folder crashed reading
+    and writing the same entry)."""
     import jax
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/jaxtx-jit"))
+    where = os.environ.get("JAXTX_COMPILATION_CACHE", "~/.cache/jaxtx-jit")
+    if where.lower() == "off":
+        return
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(where))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 

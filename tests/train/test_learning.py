@@ -1,5 +1,6 @@
 """Learning proof: the whole `jaxtx train` path (synthetic data, tokenizer, SFT loss on responses, AdamW, checkpoints)
 teaches a tiny decoder to reverse digit strings; greedy decoding then solves held-out prompts (>= 99% exact)."""
+import pytest
 from train_helpers import ONE_DEVICE
 
 from jaxtx.train import data
@@ -9,6 +10,7 @@ from jaxtx.train.sample import greedy_generate
 from jaxtx.train.tokenizer import EOS
 
 
+@pytest.mark.slow  # 95 s on 2 cores; tests/train/test_learned_task_e2e.py proves learning end to end in CI
 def test_reverse_digit_strings_exact_match(tmp_path):
     cfg = load_run_config("sft", [*ONE_DEVICE, "data.eval_fraction=0.1", "train.steps=800", "train.progress=false",
                                   "train.samples=0", "train.eval_every=800", "train.ckpt_every=800",

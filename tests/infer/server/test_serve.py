@@ -45,9 +45,7 @@ def server():
     cmd = [sys.executable, "-m", "jaxtx", "serve", "--hf", str(FIXTURE), "--port", str(port), "--served-model-name",
            NAME, "--api-key", KEY, "--grace", "5"] + \
         [x for k, v in ENGINE_ARGS.items() for x in (f"--{k.replace('_', '-')}", str(v))]
-    # the server compiles into the test suite's persistent cache (conftest.py): the offline engine below compiles
-    # the same programs and reruns start fast
-    # (the cache key includes the device count, hence the test process's 8 CPU devices)
+    # no persistent compilation cache (conftest.py); the server sees the test process's 8 CPU devices
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "",
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5", JAX_NUM_CPU_DEVICES=str(jax.device_count()))
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"jaxtx-serve-{port}.log", "w+")
