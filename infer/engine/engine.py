@@ -29,7 +29,7 @@ from jaxtx.infer.engine import sampling_batch as sb
 from jaxtx.infer.engine import step as step_lib
 from jaxtx.infer.engine.config import EngineConfig
 from jaxtx.infer.engine.scheduler import Request, ScheduleOutput, Scheduled, Scheduler
-from jaxtx.infer.generation import Generation
+from jaxtx.infer.generation import Generation, compiled
 from jaxtx.infer.sampling import GREEDY, Sampling
 
 MAX_DEVICE_STOP_IDS = 16  # single-token stops checked inside the decode loop; longer lists are checked on the host
@@ -50,20 +50,13 @@ class Event:
     error: Optional[str] = None  # why a request was ended by the engine (finish_reason "abort"), e.g. a bad bitmask
 
 
-_JITTED: dict = {}
-
-
 def _jitted(model):
-    """(step, loop) jitted once per model object: engines over the same model (other pool sizes or scheduling
-    settings of the same shapes) share executables."""
-    key = id(model)
-    if key not in _JITTED or _JITTED[key][0] is not model:
-        step = jax.jit(functools.partial(step_lib.ragged_step, model), static_argnames=("all_logits", "n_top"),
-                       donate_argnums=(1,))
-        loop = jax.jit(functools.partial(step_lib.decode_loop, model),
-                       static_argnames=("steps", "n_top", "page_size"), donate_argnums=(1,))
-        _JITTED[key] = (model, step, loop)
-    return _JITTED[key][1:]
+    """(step, loop) jitted once per model object through infer's one jit cache (generation.compiled): engines over
+    the same model (other pool sizes or scheduling settings of the same shapes) share executables."""
+    step = compiled(step_lib.ragged_step, model, static_argnames=("all_logits", "n_top"), donate_argnames=("state",))
+    loop = compiled(step_lib.decode_loop, model, static_argnames=("steps", "n_top", "page_size"),
+                    donate_argnames=("state",))
+    return step, loop
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
