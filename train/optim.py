@@ -3,6 +3,10 @@
 Decay applies to weight matrices only (leaves named `kernel`): norm scales, biases and embedding tables are left alone
 (decaying an embedding pulls rare tokens to zero; decaying norm scales fights the normalization). The mask goes by leaf
 name, not ndim, because with scan_layers a norm scale is stacked to [L, D] and would look like a matrix.
+
+LoRA runs optimize only the adapter matrices (lora_a [in, r], lora_b [r, out]; jaxtx.train.step keeps the frozen base
+out of the optimized tree, so it has no optimizer state at all). They are weight matrices and take the run's decay, as
+PEFT under the HF Trainer does (its decay mask excludes only biases and LayerNorm weights, so lora_A/lora_B decay).
 """
 from __future__ import annotations
 
@@ -27,11 +31,14 @@ def lr_schedule(o: OptimConfig, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, o.lr, warmup), decay], [warmup])
 
 
+DECAYED = frozenset({"kernel", "lora_a", "lora_b"})
+
+
 def decay_mask(params):
-    """True where weight decay applies: leaves named 'kernel'."""
+    """True where weight decay applies: weight matrices, i.e. leaves named 'kernel' and LoRA's 'lora_a' / 'lora_b'."""
     def one(path, _):
         last = path[-1]
-        return getattr(last, "key", getattr(last, "name", None)) == "kernel"
+        return getattr(last, "key", getattr(last, "name", None)) in DECAYED
     return jax.tree_util.tree_map_with_path(one, params)
 
 
