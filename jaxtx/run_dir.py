@@ -6,6 +6,8 @@
     RUN_DIR/tokenizer.model           sentencepiece model (used when data.tokenizer is null; a converted HF model may
                                       hold tokenizer.json / spiece.model instead, named by `tokenizer.file`)
     RUN_DIR/prompt_layout.json        PromptLayout: the token ids training put around a user's text
+    RUN_DIR/lora_base.json            a LoRA run only: its frozen base (source, kind, path, step/seed) and the base's
+                                      fingerprint; checkpoints then hold only the adapters (load_params adds the base)
     RUN_DIR/checkpoints/<step>/state  orbax pytree {"step", "params", "opt_state", ...} (a converted model: {"params"})
     RUN_DIR/checkpoints/<step>/meta   JSON {"step", "data": iterator state} (training only)
     RUN_DIR/unreadable_checkpoints/<step>[.N]   checkpoints that failed their own integrity check, set aside, kept
@@ -394,15 +396,17 @@ def abstract_params(cfg: ModelConfig):
     return nn.unbox(jaxtx.model.abstract_params(jaxtx.model.build(cfg)))
 
 
-def load_params(run_dir, step: Optional[int] = None) -> tuple[ModelConfig, dict, int]:
-    """(config, params, step) of the newest finished checkpoint (or `step`), restored as the config declares."""
+def load_params(run_dir, step: Optional[int] = None, *, merge: bool = False) -> tuple[ModelConfig, dict, int]:
+    """(config, params, step) of the newest finished checkpoint (or `step`), restored as the config declares.
+
+    A LoRA run (lora_base.json; its checkpoints hold only the adapters) is loaded onto its recorded base: the base
+    is read again (a jaxtx run dir, an HF folder, or the run's random init) and must have the fingerprint the run
+    recorded, else ConfigError naming both. The params are then the base as trained on (NF4/int8 for QLoRA) with the
+    adapter leaves beside its kernels, applied on the fly (exactly the function training optimized; merging into a
+    quantized base would requantize and add error). merge=True gives a plain float tree instead (convert, quantize):
+    a QLoRA base is dequantized first, so the merged weights are still the function the adapters were trained with."""
     run_dir = Path(run_dir).absolute()
-    cfg, _ = run_config(run_dir)
-    if (run_dir / LORA_BASE).is_file():  # written by jaxtx.train's LoRA runs (train/lora_run.py)
-        base = (_json(run_dir / LORA_BASE) or {}).get("source", "?")
-        raise ConfigError(f"{run_dir}: a LoRA run; its checkpoints hold only the adapters, trained on the base "
-                          f"{base!r}. Export them with jaxtx.lora.save_peft and load the base with its adapter "
-                          "(`jaxtx generate --hf BASE --lora ADAPTER`, `jaxtx convert ... --lora ADAPTER --merge`)")
+    cfg, resolved = run_config(run_dir)
     steps = checkpoint_steps(run_dir)
     if not steps:
         raise ConfigError(f"{run_dir / CHECKPOINTS}: no finished checkpoint (expected <step>/state)")
@@ -410,8 +414,151 @@ def load_params(run_dir, step: Optional[int] = None) -> tuple[ModelConfig, dict,
         step = steps[-1]
     elif step not in steps:
         raise ConfigError(f"step {step}: not in {run_dir / CHECKPOINTS} (have {steps})")
+    if (run_dir / LORA_BASE).is_file():  # written by jaxtx.train's LoRA runs (train/lora_run.py)
+        return cfg, _load_lora_run(run_dir, cfg, resolved, step, merge), step
     params = restore_params(run_dir / CHECKPOINTS, step, abstract_params(cfg), f"{run_dir / CONFIG}")
     return cfg, params, step
+
+
+# ------------------------------------------------------------------------------------------------ LoRA runs
+FINGERPRINT_VERSION = 2
+
+
+def base_fingerprint(params: dict, version: int = FINGERPRINT_VERSION) -> str:
+    """sha256 over every leaf's path, shape and dtype and a hash of its bits, computed where the shards are (a
+    sharded 8B base is never gathered). Version 2 hashes the bits with uint32 arithmetic, whose sums are exact in
+    any order: the same base gives the same fingerprint on any mesh or device count. Version 1 (lora_base.json
+    files without "fingerprint_version") rounded float32 moments, whose last digits follow the reduction order."""
+    import hashlib
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    def mix(x):  # murmur3's 32-bit finalizer: every input bit reaches every output bit
+        x = x ^ (x >> 16)
+        x = x * jnp.uint32(0x85EBCA6B)
+        x = x ^ (x >> 13)
+        x = x * jnp.uint32(0xC2B2AE35)
+        return x ^ (x >> 16)
+
+    @jax.jit
+    def bits_hash(x):
+        if x.dtype.itemsize == 2:
+            b = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+        elif x.dtype.itemsize == 4:
+            b = jax.lax.bitcast_convert_type(x, jnp.uint32)
+        else:
+            b = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+        pos = jnp.zeros(x.shape, jnp.uint32)
+        for d in range(x.ndim):  # the element's position, without a flat index that could pass 2**32
+            pos = pos * jnp.uint32(0x9E3779B1) + jax.lax.broadcasted_iota(jnp.uint32, x.shape, d)
+        return jnp.stack([jnp.sum(mix(b ^ mix(pos + jnp.uint32((k * 0x632BE5AB) & 0xFFFFFFFF))), dtype=jnp.uint32)
+                          for k in range(4)])
+
+    @jax.jit
+    def moments(x):
+        x = x.astype(jnp.float32).reshape(-1)
+        w = jnp.cos(jnp.arange(x.shape[0], dtype=jnp.float32) * 0.61803)
+        return jnp.stack([x.sum(), (x * x).sum(), (x * w).sum()])
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        h.update(f"{jax.tree_util.keystr(path)}{tuple(leaf.shape)}{leaf.dtype}".encode())
+        if version == 1:
+            h.update(np.round(np.asarray(jax.device_get(moments(leaf)), np.float64), 4).tobytes())
+        else:
+            h.update(np.asarray(jax.device_get(bits_hash(leaf)), np.uint32).tobytes())
+    return h.hexdigest()
+
+
+def lora_base_record(run_dir) -> Optional[dict]:
+    """lora_base.json of a LoRA run (None for any other run dir): which base its adapters belong to.
+    {"source": text, "kind": "jaxtx" | "hf" | "init", "path", "step" (jaxtx), "seed" (init), "fingerprint",
+    "fingerprint_version"}; files written before kind/path were recorded hold only source and fingerprint."""
+    f = Path(run_dir) / LORA_BASE
+    return _json(f) if f.is_file() else None
+
+
+def _lora_config(resolved: dict, where: str):
+    from jaxtx.lora import LoraConfig
+    section = resolved.get("lora")
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where}: a LoRA run ({LORA_BASE}) without a `lora:` section; expected the section "
+                          "jaxtx train wrote")
+    fields = {k: v for k, v in section.items() if not (k == "quantize" and v is None)}
+    try:
+        return LoraConfig(**fields)
+    except TypeError as e:
+        raise ConfigError(f"{where}: lora section: {e}") from None
+
+
+def _load_base(run_dir: Path, cfg: ModelConfig, resolved: dict, rec: dict) -> dict:
+    """The recorded base, as the LoRA run loaded it (train/lora_run.load_base), before any quantization."""
+    import jax
+    source = rec.get("source", "?")
+    kind = rec.get("kind") or ("init" if str(source).startswith("random init") else None)
+    missing = lambda why: ConfigError(  # noqa: E731
+        f"{run_dir}: a LoRA run whose adapters were trained on the base {source!r} (fingerprint "
+        f"{rec.get('fingerprint')}), which {why}; restore that base at its path (nothing was loaded)")
+    if kind == "init":  # the base was the run's own random init: rebuilt from train.seed
+        import flax.linen as nn
+
+        import jaxtx.model
+        seed = rec.get("seed", (resolved.get("train") or {}).get("seed", 0))
+        model = jaxtx.model.build(cfg)
+        args = jaxtx.model.dummy_inputs(cfg)
+        kw = {"method": "masked_lm"} if cfg.kind == "encoder" and cfg.mlm_head else {}
+        return jax.jit(lambda r: nn.unbox(model.init(r, *args, **kw)["params"]))(jax.random.key(int(seed)))
+    path = Path(rec.get("path") or source)
+    if not path.is_dir():
+        raise missing("is not there any more")
+    if (path / "config.json").is_file() and any(path.glob("model*.safetensors")):  # a Hugging Face folder
+        import jaxtx.hf as hf
+        try:
+            _, params = hf.load(path, dtype=cfg.param_dtype, scan_layers=cfg.scan_layers)
+        except Exception as e:  # noqa: BLE001 — whatever the folder holds now, it is not the base
+            raise missing(f"no longer loads ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        return params
+    ckpts = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
+    steps = checkpoint_steps(ckpts)
+    base_step = rec.get("step", steps[-1] if steps else None)
+    if base_step not in steps:
+        raise missing(f"has no checkpoint {base_step} (has {steps})")
+    try:
+        return restore_params(ckpts, base_step, abstract_params(cfg), f"the LoRA base {path}")
+    except ConfigError as e:
+        raise missing(f"no longer fits this run ({e})") from None
+
+
+def _load_lora_run(run_dir: Path, cfg: ModelConfig, resolved: dict, step: int, merge: bool) -> dict:
+    import jax
+
+    from jaxtx import lora, quant
+    from jaxtx.layers.common import dtype_of
+    rec = lora_base_record(run_dir) or {}
+    base = _load_base(run_dir, cfg, resolved, rec)
+    lcfg = _lora_config(resolved, str(run_dir / CONFIG))
+    version = int(rec.get("fingerprint_version", 1))
+    now = base_fingerprint(base, version)
+    if now != rec.get("fingerprint"):
+        raise ConfigError(f"{run_dir}: a LoRA run trained on the base {rec.get('source', '?')!r} with fingerprint "
+                          f"{rec.get('fingerprint')}; that base now has fingerprint {now}: it changed since the run, "
+                          "so the adapters would be applied to other weights (nothing was loaded)")
+    # the adapters' shapes and their fixed scale/dropout leaves come from the run's lora section, as in training
+    trainable, fixed = lora.split(lora.init_adapters(cfg, lcfg, jax.random.key(0), dtype_of(cfg.param_dtype)))
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), trainable)
+    adapters = restore_params(run_dir / CHECKPOINTS, step, target, f"{run_dir / CONFIG} (LoRA adapters)")
+    if lcfg.quantize:  # QLoRA: the base as the adapters saw it
+        from jaxtx.lora.qlora import quantize_base
+        base = jax.jit(lambda p: quantize_base(p, lcfg.quantize))(base)
+        if merge:
+            base = jax.tree.map(lambda x: quant.dequantize(x, dtype_of(cfg.param_dtype)) if quant.is_quantized(x)
+                                else x, base, is_leaf=quant.is_quantized)
+    params = lora.combine(base, adapters, fixed)
+    if merge:
+        import jaxtx.model
+        params = lora.merge(jaxtx.model.build(cfg), params)
+    return params
 
 
 def set_aside(run_dir, step: int) -> Path:
