@@ -114,6 +114,20 @@ def _logits(cfg: ModelConfig, x_BTD, embed: Embed, head: Optional[LMHead]):
     return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
 
 
+def _head_inputs(cfg: ModelConfig, x_BTD, embed: Embed, head: Optional[LMHead]):
+    """(x [B, T, D], w, w_layout) with logits = x @ w (w [D, V], "DV") or x @ w.T (w [V, D], "VD"), for a loss that
+    computes the head itself in chunks (jaxtx.train.chunked_ce); w is None when the head is quantized."""
+    if cfg.tie_embeddings:
+        if cfg.rescale_tied_logits:
+            x_BTD = x_BTD * cfg.d_model ** -0.5
+        w, layout = embed.embedding, "VD"
+    else:
+        w, layout = head.variables["params"]["kernel"], "DV"
+    if quant.is_quantized(w):
+        return x_BTD, None, layout
+    return x_BTD, w.astype(dtype_of(cfg.dtype)), layout
+
+
 def _select(x_BTD, logits_at_BN):
     """x at the given indices of T ([B, N, D]); all of x when None."""
     if logits_at_BN is None:
@@ -143,11 +157,13 @@ class DecoderLM(nn.Module):
             self.lm_head = LMHead(cfg)
 
     def __call__(self, input_ids, positions=None, segment_ids=None, cache: Optional[Cache] = None,
-                 deterministic: bool = True, logits_at=None):
+                 deterministic: bool = True, logits_at=None, head_inputs: bool = False):
         """input_ids [B, T] -> logits [B, T, V] float32; with a cache -> (logits, updated cache).
 
         logits_at [B, N] (optional): compute logits only at these indices of T -> [B, N, V]. Prefill needs just the
         last prompt token's, and the head is B*T*D*V FLOPs (~50 GFLOP for 8 x 128 tokens at V=32k).
+        head_inputs=True (no cache): return the head's inputs (x, w, w_layout) instead of logits (see _head_inputs), so
+        a training loss can compute the cross-entropy chunk by chunk without the [B, T, V] logits.
         """
         cfg = self.cfg
         _check_ids(input_ids)
@@ -170,6 +186,8 @@ class DecoderLM(nn.Module):
         x = _select(x, logits_at)
         if cfg.final_norm:
             x = self.final_norm(x)
+        if head_inputs and cache is None:
+            return _head_inputs(cfg, x, self.embed, getattr(self, "lm_head", None))
         logits = _logits(cfg, x, self.embed, getattr(self, "lm_head", None))
         return logits if cache is None else (logits, cache.end())
 

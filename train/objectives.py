@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxtx.config import ModelConfig
+from jaxtx.train.chunked_ce import linear_ce_sum
 from jaxtx.train.config import TrainConfig
 from jaxtx.train.tokenizer import MASK_ID
 
@@ -80,17 +81,26 @@ def _apply(model, params, *args, rng, train: bool, **kw):
     return out, moe_aux_loss(state.get("intermediates", {}), model.cfg)
 
 
-def make_objective(model, cfg: ModelConfig, t: TrainConfig, *, mask_id: int = MASK_ID, tok_vocab: int | None = None):
+def make_objective(model, cfg: ModelConfig, t: TrainConfig, *, mask_id: int = MASK_ID, tok_vocab: int | None = None,
+                   chunked_ce: bool = True):
     """The Objective for t.objective. mask_id / tok_vocab: the tokenizer's <mask> id and size (BERT masking); the
-    defaults match tokenizers trained by jaxtx.train.tokenizer."""
+    defaults match tokenizers trained by jaxtx.train.tokenizer. chunked_ce: causal / sft compute the head and the
+    cross-entropy in chunks (jaxtx.train.chunked_ce), never the [B, T, V] logits; False keeps the logits path (the
+    reference the chunked one is tested and benchmarked against)."""
     vocab = tok_vocab or cfg.vocab_size
 
     def causal(params, batch, rng, train, ref_params=None, mask_key=None):
         tokens, seg = batch["tokens"], batch["segment_ids"]
-        logits, aux = _apply(model, params, tokens, segment_ids=seg, rng=rng, train=train)
         w = causal_weights(seg, batch.get(mask_key) if mask_key else None)
-        nll = next_token_nll(logits, tokens)
         n = w.sum()
+        if chunked_ce and cfg.kind == "decoder":
+            (x, head_w, layout), aux = _apply(model, params, tokens, segment_ids=seg, rng=rng, train=train,
+                                              head_inputs=True)
+            if head_w is not None:  # a quantized head (QLoRA) takes the logits path below
+                total = linear_ce_sum(x, head_w, jnp.roll(tokens, -1, axis=1), w, w_layout=layout)
+                return total + aux * n, n, {"aux_loss": aux * n}
+        logits, aux = _apply(model, params, tokens, segment_ids=seg, rng=rng, train=train)
+        nll = next_token_nll(logits, tokens)
         return (nll * w).sum() + aux * n, n, {"aux_loss": aux * n}
 
     def sft(params, batch, rng, train, ref_params=None):

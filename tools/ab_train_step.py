@@ -1,0 +1,96 @@
+"""A/B timing of two train-step variants in one process, alternating, on the same state and batch (issue 15).
+
+    JAX_PLATFORMS=cpu python tools/ab_train_step.py configs/runs/bench125m.yaml --ab chunked_ce [--reps 4]
+
+Variants (--ab): chunked_ce (the loss through jaxtx.train.chunked_ce vs the [B, T, V] logits), or
+`module:ATTR=A,B` (a module constant patched while the step is traced, e.g.
+`jaxtx.kernels.dispatch:XLA_MAX_TS=16384,1048576`). Prints each variant's best and median step time and B/A.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import statistics
+import time
+
+
+def build_steps(run_cfg, ab: str):
+    import jax
+    import numpy as np
+
+    from jaxtx import model as jmodel
+    from jaxtx import sharding as shd
+    from jaxtx.train.loop import make_run_mesh, resolve_model_config
+    from jaxtx.train.objectives import make_objective
+    from jaxtx.train.optim import make_optimizer
+    from jaxtx.train.step import batch_shapes, init_train_state, make_train_step
+    cfg = resolve_model_config(run_cfg)
+    model = jmodel.build(cfg)
+    opt = make_optimizer(run_cfg.optim, 1000)
+    mesh, rules = make_run_mesh(run_cfg)
+    rng = np.random.default_rng(0)
+    sh = shd.batch_sharding(mesh, rules)
+    batch = {k: jax.device_put(rng.integers(4, cfg.vocab_size, s).astype(np.int32) if "segment" not in k
+                               else np.ones(s, np.int32), sh) for k, s in batch_shapes(cfg, run_cfg).items()}
+    with shd.use_mesh(mesh, rules):
+        state = init_train_state(model, cfg, run_cfg, opt, mesh, rules, jax.random.key(0))
+    steps = {}
+    if ab == "chunked_ce":
+        for name, flag in (("logits", False), ("chunked", True)):
+            obj = make_objective(model, cfg, run_cfg.train, chunked_ce=flag)
+            steps[name] = make_train_step(model, cfg, run_cfg, opt, mesh=mesh, rules=rules, objective=obj)
+    else:
+        target, values = ab.split("=")
+        mod_name, attr = target.split(":")
+        mod = importlib.import_module(mod_name)
+        for v in values.split(","):
+            def traced(step=make_train_step(model, cfg, run_cfg, opt, mesh=mesh, rules=rules), v=v):
+                # patch only while tracing/compiling: the compiled program is cached per variant below
+                old = getattr(mod, attr)
+                setattr(mod, attr, type(old)(v) if not isinstance(old, bool) else v == "True")
+                try:
+                    with shd.use_mesh(mesh, rules):
+                        return step.lower(state, batch).compile()
+                finally:
+                    setattr(mod, attr, old)
+            steps[f"{attr}={v}"] = traced()
+    return steps, state, batch, mesh, rules
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config")
+    ap.add_argument("overrides", nargs="*")
+    ap.add_argument("--ab", default="chunked_ce")
+    ap.add_argument("--reps", type=int, default=4)
+    args = ap.parse_args()
+    import jax
+
+    from jaxtx import sharding as shd
+    from jaxtx.train.config import load_run_config
+    run_cfg = load_run_config(args.config, args.overrides)
+    steps, state, batch, mesh, rules = build_steps(run_cfg, args.ab)
+    times = {k: [] for k in steps}
+    with shd.use_mesh(mesh, rules):
+        for name, step in steps.items():  # compile + one warm step each
+            t0 = time.perf_counter()
+            state, m = step(state, batch)
+            jax.block_until_ready(m)
+            print(f"{name}: first call {time.perf_counter() - t0:.1f} s, loss {float(m['loss']):.4f}", flush=True)
+        for _ in range(args.reps):
+            for name, step in steps.items():
+                t0 = time.perf_counter()
+                state, m = step(state, batch)
+                jax.block_until_ready(m)
+                times[name].append(time.perf_counter() - t0)
+    names = list(steps)
+    for n in names:
+        print(f"{n:<32} best {min(times[n]):.3f} s  median {statistics.median(times[n]):.3f} s  "
+              f"all {' '.join(f'{t:.2f}' for t in times[n])}")
+    a, b = names[0], names[-1]
+    print(f"{b} / {a}: best {min(times[a]) / min(times[b]):.3f}x faster, "
+          f"median {statistics.median(times[a]) / statistics.median(times[b]):.3f}x faster")
+
+
+if __name__ == "__main__":
+    main()
