@@ -4,8 +4,8 @@ jaxtx."""
 from jaxtx.kernels.decode import decode_attention
 from jaxtx.kernels.dispatch import BACKENDS, attention, select_backend
 from jaxtx.kernels.flash_attention import BlockSizes, blockwise_attention
-from jaxtx.kernels.paged_attention import paged_attention, paged_attention_reference, ragged_paged_attention
+from jaxtx.kernels.paged_attention import ragged_paged_attention
 from jaxtx.kernels.reference import attention_reference
 
 __all__ = ["BACKENDS", "BlockSizes", "attention", "attention_reference", "blockwise_attention", "decode_attention",
-           "paged_attention", "paged_attention_reference", "ragged_paged_attention", "select_backend"]
+           "ragged_paged_attention", "select_backend"]

@@ -2,7 +2,7 @@
 
 1. Correctness at real sizes: every GPU attention backend (pallas_gpu = our Triton kernel, cudnn, blockwise, xla)
    forward and q/k/v gradients against the float32 XLA reference computed on upcast inputs, as
-   ||out - ref|| / ||ref||; paged attention (Triton) against its reference, bf16 and int8 pages.
+   ||out - ref|| / ||ref||; ragged paged attention (Triton) against its XLA path, bf16 and int8 pages.
 2. Timings: `jaxtx bench attention`'s table (median wall time around block_until_ready, compile excluded) for
    several sizes, plus a block-size sweep of the Triton kernel.
 Prints one table per part; the numbers go into docs/benchmarks.md.
@@ -59,14 +59,16 @@ def check_attention(rows, *, B, T, H, K, Hd, dtype, causal=True, window=None, se
 
 
 def check_paged(rows, *, B, H, K, Hd, page, pages_per_seq, T=1, int8=False, window=None):
-    from jaxtx.kernels.paged_attention import paged_attention
+    """B sequences of T query tokens each (decode, T > 1: speculative verification) as one ragged step."""
+    from jaxtx.kernels import ragged_paged_attention
     P = B * pages_per_seq
     ks = jax.random.split(jax.random.key(7), 5)
-    q = jax.random.normal(ks[0], (B, T, H, Hd), jnp.float32).astype(jnp.bfloat16)
+    q = jax.random.normal(ks[0], (B * T, H, Hd), jnp.float32).astype(jnp.bfloat16)
     kp = jax.random.normal(ks[1], (K, P, page, Hd), jnp.float32)
     vp = jax.random.normal(ks[2], (K, P, page, Hd), jnp.float32)
-    lengths = jax.random.randint(ks[3], (B,), T, pages_per_seq * page + 1)
-    idx = jax.random.permutation(ks[4], P).reshape(B, pages_per_seq)
+    meta = dict(kv_lens=jax.random.randint(ks[3], (B,), T, pages_per_seq * page + 1),
+                page_table=jax.random.permutation(ks[4], P).reshape(B, pages_per_seq).astype(jnp.int32),
+                cu_q_lens=jnp.arange(B + 1, dtype=jnp.int32) * T, num_seqs=jnp.int32(B))
     ksc = vsc = None
     if int8:
         ksc = jnp.max(jnp.abs(kp), -1) / 127
@@ -75,17 +77,17 @@ def check_paged(rows, *, B, H, K, Hd, page, pages_per_seq, T=1, int8=False, wind
         vp = jnp.round(vp / vsc[..., None]).astype(jnp.int8)
     else:
         kp, vp = kp.astype(jnp.bfloat16), vp.astype(jnp.bfloat16)
-    args = (q, kp, vp, lengths, idx)
-    kw = dict(k_scales=ksc, v_scales=vsc, window=window)
-    ref = jax.jit(lambda *a: paged_attention(*a, backend="xla", **kw))(q.astype(jnp.float32), *args[1:])
+    args = (q, kp, vp)
+    kw = dict(meta, k_scales=ksc, v_scales=vsc, window=window)
+    ref = jax.jit(lambda *a: ragged_paged_attention(*a, backend="xla", **kw))(q.astype(jnp.float32), *args[1:])
     desc = f"paged B={B} T={T} H={H} K={K} Hd={Hd} page={page} S={pages_per_seq * page} int8={int8} window={window}"
     try:
-        f = jax.jit(lambda *a: paged_attention(*a, backend="pallas_gpu", **kw))
+        f = jax.jit(lambda *a: ragged_paged_attention(*a, backend="pallas_gpu", **kw))
         out = f(*args)
         t = _time(f, args)
         rows.append((desc, "pallas_gpu", [rel(out, ref)], bool(jnp.isfinite(out.astype(jnp.float32)).all()),
                      f"{t * 1e6:.0f} us"))
-        g = jax.jit(lambda *a: paged_attention(*a, backend="xla", **kw))
+        g = jax.jit(lambda *a: ragged_paged_attention(*a, backend="xla", **kw))
         rows.append((desc, "xla", [rel(g(*args), ref)], True, f"{_time(g, args) * 1e6:.0f} us"))
     except Exception as e:  # noqa: BLE001
         rows.append((desc, "pallas_gpu", None, False, f"{type(e).__name__}: {str(e).splitlines()[0][:150]}"))

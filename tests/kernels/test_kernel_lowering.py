@@ -92,44 +92,6 @@ def test_tpu_flash_fwd_bwd_aot_compile_v5e(no_persistent_cache):
         assert name in hlo, name
 
 
-def test_paged_attention_gpu_lowers_to_triton():
-    from jaxtx.kernels import paged_attention
-
-    Kh, P, ps, Bp, npp = 2, 64, 16, 4, 8
-    args = (_sds((Bp, 3, H, 128)), _sds((Kh, P, ps, 128), jnp.int8), _sds((Kh, P, ps, 128), jnp.int8),
-            _sds((Bp,), jnp.int32), _sds((Bp, npp), jnp.int32), _sds((Kh, P, ps), jnp.float32),
-            _sds((Kh, P, ps), jnp.float32))
-    f = lambda q, kp, vp, ln, pi, ks, vs: paged_attention(q, kp, vp, ln, pi, k_scales=ks, v_scales=vs,  # noqa
-                                                          window=40, backend="pallas_gpu")
-    txt = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert "jaxtx_ragged_paged_attention" in txt and "__gpu$xla.gpu.triton" in txt  # paged runs the ragged kernel
-
-
-def test_paged_attention_tpu_aot_compile_v5e(no_persistent_cache):
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    from jaxtx.kernels import paged_attention
-
-    mesh = _tpu_topology_mesh()
-    Kh, Pg, ps, Bp, npp, Hd = 2, 64, 16, 8, 8, 128
-
-    def f(q, kp, vp, ln, pi, ks, vs):
-        return paged_attention(q, kp, vp, ln, pi, k_scales=ks, v_scales=vs, backend="pallas_tpu")
-
-    rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    sm = jax.shard_map(f, mesh=mesh, in_specs=(P("data"), P(), P(), P("data"), P("data"), P(), P()),
-                       out_specs=P("data"), check_vma=False)
-    args = [jax.ShapeDtypeStruct((Bp, H, Hd), jnp.bfloat16, sharding=data),
-            jax.ShapeDtypeStruct((Kh, Pg, ps, Hd), jnp.int8, sharding=rep),
-            jax.ShapeDtypeStruct((Kh, Pg, ps, Hd), jnp.int8, sharding=rep),
-            jax.ShapeDtypeStruct((Bp,), jnp.int32, sharding=data),
-            jax.ShapeDtypeStruct((Bp, npp), jnp.int32, sharding=data),
-            jax.ShapeDtypeStruct((Kh, Pg, ps), jnp.float32, sharding=rep),
-            jax.ShapeDtypeStruct((Kh, Pg, ps), jnp.float32, sharding=rep)]
-    compiled = jax.jit(sm).lower(*args).compile()
-    assert "jaxtx_ragged_paged_attention_tpu" in compiled.as_text()
-
-
 def test_tpu_flash_aot_compile_unaligned_lengths(no_persistent_cache):
     """T = 200 (padded to 2 x 128 blocks), S = 40 (one 48-row block), Hd = 64, bf16: Mosaic tiling still holds."""
     from jax.sharding import NamedSharding, PartitionSpec as P
