@@ -52,6 +52,9 @@ class AttentionContext:
     bias: Optional[jax.Array] = None  # [B|1, H, T, S] float32 additive bias (T5 relative positions)
     encoded: Optional[jax.Array] = None  # [B, S_enc, D] encoder output (cross-attention)
     encoded_mask: Optional[jax.Array] = None  # [B, S_enc] int32, 1 = token
+    # [B, T] int32 LoRA adapter slot of each token when the params hold stacked adapters (jaxtx.lora.stack_adapters;
+    # 0 = the base alone). Every adapted Dense of the forward pass selects with it, the FFN's too.
+    adapter_ids: Optional[jax.Array] = None
 
 
 class Cache(Protocol):

@@ -142,6 +142,16 @@ def _check_ids(ids, name="input_ids"):
         raise ValueError(f"{name}: expected integer token ids, got dtype {ids.dtype}")
 
 
+def _check_adapter_ids(ids, B: int, T: int):
+    """adapter_ids [B, T] or [B] (one adapter per row) -> [B, T] int32."""
+    ids = jnp.asarray(ids)
+    if not jnp.issubdtype(ids.dtype, jnp.integer) or ids.shape not in ((B, T), (B,)):
+        raise ValueError(f"adapter_ids: expected integer adapter slots of shape [B, T] = {[B, T]} or [B] = {[B]}, "
+                         f"got {ids.dtype} {list(ids.shape)}")
+    ids = ids.astype(jnp.int32)
+    return jnp.broadcast_to(ids[:, None], (B, T)) if ids.ndim == 1 else ids
+
+
 class DecoderLM(nn.Module):
     """Causal language model (GPT-2, Llama, Mistral, Mixtral, …)."""
 
@@ -157,17 +167,21 @@ class DecoderLM(nn.Module):
             self.lm_head = LMHead(cfg)
 
     def __call__(self, input_ids, positions=None, segment_ids=None, cache: Optional[Cache] = None,
-                 deterministic: bool = True, logits_at=None, head_inputs: bool = False):
+                 deterministic: bool = True, logits_at=None, adapter_ids=None, head_inputs: bool = False):
         """input_ids [B, T] -> logits [B, T, V] float32; with a cache -> (logits, updated cache).
 
         logits_at [B, N] (optional): compute logits only at these indices of T -> [B, N, V]. Prefill needs just the
         last prompt token's, and the head is B*T*D*V FLOPs (~50 GFLOP for 8 x 128 tokens at V=32k).
+        adapter_ids [B, T] or [B] int32 (optional): the LoRA adapter slot of each token (or row) when the params hold
+        several adapters stacked by jaxtx.lora.stack_adapters; slot 0 is the base alone.
         head_inputs=True (no cache): return the head's inputs (x, w, w_layout) instead of logits (see _head_inputs), so
         a training loss can compute the cross-entropy chunk by chunk without the [B, T, V] logits.
         """
         cfg = self.cfg
         _check_ids(input_ids)
         B, T = input_ids.shape
+        if adapter_ids is not None:
+            adapter_ids = _check_adapter_ids(adapter_ids, B, T)
         if positions is None:
             if cache is not None:
                 positions = cache.default_positions(T)
@@ -179,7 +193,7 @@ class DecoderLM(nn.Module):
         x = self.perturb("embedded", x)  # zero unless a "perturbations" collection is passed: d(out)/d(embedding)
         x = dropout(cfg.dropout, x, deterministic, self)
         x = constrain(x, ("batch", "length", "embed"))
-        ctx = _context(cfg, positions, segment_ids=segment_ids if cache is None else None)
+        ctx = _context(cfg, positions, segment_ids=segment_ids if cache is None else None, adapter_ids=adapter_ids)
         if cache is not None:
             cache = cache.begin(cfg, positions)
         x, cache = run_layers(self.layers, x, cache, ctx, deterministic)

@@ -47,16 +47,16 @@ class Attention(nn.Module):
         dt = dtype_of(cfg.dtype)
         H, K = cfg.n_heads, cfg.kv_heads
 
-        def proj(name, inp, n, axes):
+        def proj(name, inp, n, axes, adapter_ids=ctx.adapter_ids):
             return Dense(cfg, (cfg.d_model, n, cfg.hd), ("embed",) + axes, "BTD,DNh->BTNh", 1, cfg.qkv_bias,
-                         name=name)(inp)
+                         name=name)(inp, adapter_ids)
 
         q = proj("q", x_BTD, H, ("heads", "head_dim"))
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
         if self.cross:
             def encoder_kv():
-                return (proj("k", ctx.encoded, K, ("kv_heads", "head_dim")),
-                        proj("v", ctx.encoded, K, ("kv_heads", "head_dim")))
+                return (proj("k", ctx.encoded, K, ("kv_heads", "head_dim"), None),
+                        proj("v", ctx.encoded, K, ("kv_heads", "head_dim"), None))
             if cache is None:
                 k, v = encoder_kv()
             else:  # computed on the first decode call, then read from the cache
@@ -80,5 +80,5 @@ class Attention(nn.Module):
             else:
                 o, cache = cache.attend(layer, q, k, v, ctx, window=cfg.window, softmax_scale=cfg.softmax_scale)
         out = Dense(cfg, (H, cfg.hd, cfg.d_model), ("heads", "head_dim", "embed"), "BTHh,HhD->BTD", 2, cfg.out_bias,
-                    name="o")(o)
+                    name="o")(o, ctx.adapter_ids)
         return out, cache

@@ -60,7 +60,9 @@ class Block(nn.Module):
         x_BTD = residual(x_BTD, "attn_norm", attn("attn", False))
         if self.cross:
             x_BTD = residual(x_BTD, "cross_norm", attn("cross_attn", True))
-        ffn = MoE(cfg, name="moe") if cfg.is_moe else Mlp(cfg, name="mlp")
+        def ffn(h):  # MoE experts take no LoRA (jaxtx.lora refuses them), so only the dense FFN selects adapters
+            return MoE(cfg, name="moe")(h) if cfg.is_moe else Mlp(cfg, name="mlp")(h, ctx.adapter_ids)
+
         x_BTD = residual(x_BTD, "mlp_norm", ffn)
         x_BTD = constrain(x_BTD, ("batch", "length", "embed"))
         return (x_BTD, cache, None if i is None else i + 1), None

@@ -48,7 +48,8 @@ class Dense(nn.Module):
     use_bias: bool = False
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, adapter_ids=None):
+        """adapter_ids [batch dims of x] int32: each token's adapter slot when the params hold stacked adapters."""
         dt = dtype_of(self.cfg.dtype)
         w = param(self, "kernel", self.shape, self.axes, self.cfg)
         y = quant.einsum(self.eq, x, w, dt)  # a plain einsum unless the kernel is quantized
@@ -57,7 +58,7 @@ class Dense(nn.Module):
             y = y + b.astype(dt)
         if self.has_variable("params", "lora_a"):  # a LoRA adapter beside the kernel (jaxtx.lora)
             from jaxtx.lora.dense import adapter_delta
-            y = y + adapter_delta(self, self.eq, self.n_in, x.astype(dt), dt)
+            y = y + adapter_delta(self, self.eq, self.n_in, x.astype(dt), dt, adapter_ids)
         return y
 
 

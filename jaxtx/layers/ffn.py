@@ -11,17 +11,18 @@ class Mlp(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD):
+    def __call__(self, x_BTD, adapter_ids=None):
+        """adapter_ids [B, T] int32: each token's adapter slot (stacked LoRA adapters, see jaxtx.lora.dense)."""
         cfg = self.cfg
         act = activation(cfg.activation)
         D, F = cfg.d_model, cfg.d_ff
 
         def up(name):
-            return Dense(cfg, (D, F), ("embed", "mlp"), use_bias=cfg.mlp_bias, name=name)(x_BTD)
+            return Dense(cfg, (D, F), ("embed", "mlp"), use_bias=cfg.mlp_bias, name=name)(x_BTD, adapter_ids)
 
         h = act(up("wi_gate")) * up("wi_up") if cfg.gated else act(up("wi"))
         h = constrain(h, ("batch", "length", "mlp"))
-        return Dense(cfg, (F, D), ("mlp", "embed"), use_bias=cfg.mlp_bias, name="wo")(h)
+        return Dense(cfg, (F, D), ("mlp", "embed"), use_bias=cfg.mlp_bias, name="wo")(h, adapter_ids)
 
 
 def expert_ffn(x, w, cfg: ModelConfig, matmul):

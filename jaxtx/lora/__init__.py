@@ -7,10 +7,12 @@
     merged = merge(model, params)                               # plain params again
     model, params = load_peft(model, base_params, "adapter_dir")
     save_peft(model, params, "out_dir", base_model_name_or_path="meta-llama/...")
+    served = stack_adapters(model, base_params, [params_x, params_y])  # slot 0 base, 1 x, 2 y
+    logits = model.apply({"params": served}, ids_BT, adapter_ids=slots_B)  # each row its own adapter
 """
 from jaxtx.lora.core import (LoraConfig, Site, adapter_shardings, adapters, add_lora, combine, has_lora,
-                             init_adapters, merge, merge_report, resolve, sites, split, strip)
+                             init_adapters, merge, merge_report, resolve, sites, split, stack_adapters, strip)
 from jaxtx.lora.peft import load_peft, save_peft
 
 __all__ = ["LoraConfig", "Site", "adapter_shardings", "adapters", "add_lora", "combine", "has_lora", "init_adapters",
-           "merge", "merge_report", "resolve", "sites", "split", "strip", "load_peft", "save_peft"]
+           "merge", "merge_report", "resolve", "sites", "split", "stack_adapters", "strip", "load_peft", "save_peft"]

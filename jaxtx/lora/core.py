@@ -419,3 +419,79 @@ def adapter_shardings(adapter_tree: dict, base_shardings: dict) -> dict:
             out.update({k: NamedSharding(ks.mesh, P(*specs[k])) for k in ad if not isinstance(ad[k], dict)})
         return out
     return walk(adapter_tree, base_shardings)
+
+
+# ------------------------------------------------------------------------------------------------ many adapters
+def stack_adapters(model, base_params: dict, adapter_trees) -> dict:
+    """Base params plus several adapters stacked for serving them in one batch (jaxtx.lora.dense.selected_delta).
+
+    adapter_trees: A adapters, each a params tree holding LoRA leaves (what load_peft or add_lora return; the base
+    leaves in it are ignored). At every Dense that any of them adapts the result holds
+        lora_a [stack..., A + 1, in..., r_max]   lora_b [stack..., A + 1, r_max, out...]   lora_scale [stack..., A + 1]
+    where slot 0 is no adapter (zeros: the base alone) and slot i is adapter i (the i-th tree). stack is (L,) for a
+    scanned model's layers, so the layer axis stays first, where nn.scan slices it, and the adapter axis comes next.
+    Ranks are zero-padded to the largest (exact, as for rank_pattern: padded columns of a and rows of b are zero);
+    an adapter that does not target a Dense has zeros there. lora_dropout is dropped (serving). The model then
+    needs adapter_ids (model.apply(..., adapter_ids=[B, T] or [B] slots)). Raises ValueError when an adapter was
+    made for another base (a LoRA leaf whose shape does not fit the base kernel beside it)."""
+    trees = [adapters(t) for t in adapter_trees]
+    if not trees:
+        raise ValueError("stack_adapters: no adapters given")
+    if has_lora(base_params):
+        raise ValueError("stack_adapters: base_params already hold a LoRA adapter; pass the base (strip(params))")
+    for i, t in enumerate(trees):
+        if not t:
+            raise ValueError(f"stack_adapters: adapter {i} holds no LoRA leaves (lora_a / lora_b / lora_scale)")
+    base = strip(base_params)
+    A = len(trees)
+    out_tree: dict = {}
+
+    def site_paths(tree, prefix=()):
+        if "lora_a" in tree:
+            yield prefix
+        for k, v in tree.items():
+            if isinstance(v, dict):
+                yield from site_paths(v, prefix + (k,))
+
+    def get(tree, path):
+        for k in path:
+            if not isinstance(tree, dict) or k not in tree:
+                return None
+            tree = tree[k]
+        return tree
+
+    paths = list(dict.fromkeys(p for t in trees for p in site_paths(t)))
+    for path in paths:
+        name = "/".join(path)
+        kernel = (get(base, path) or {}).get("kernel")
+        if kernel is None:
+            raise ValueError(f"stack_adapters: an adapter has LoRA leaves at {name} but the base has no kernel there "
+                             "(an adapter for another model?)")
+        present = [(i, get(t, path)) for i, t in enumerate(trees) if get(t, path) is not None]
+        n_stack = jnp.ndim(present[0][1]["lora_scale"])
+        kshape = tuple(kernel.shape) if not hasattr(kernel, "batch_shape") else tuple(kernel.batch_shape) + tuple(
+            kernel.shape)
+        for i, leaves in present:
+            a, b = leaves["lora_a"], leaves["lora_b"]
+            ok = (jnp.ndim(leaves["lora_scale"]) == n_stack and a.shape[:n_stack] == b.shape[:n_stack]
+                  and a.shape[:-1] + b.shape[n_stack + 1:] == kshape)
+            if not ok:
+                raise ValueError(f"stack_adapters: adapter {i} at {name}: lora_a {list(a.shape)} / lora_b "
+                                 f"{list(b.shape)} do not fit the base kernel {list(kshape)} (an adapter made for "
+                                 "another base?)")
+        a0, b0 = present[0][1]["lora_a"], present[0][1]["lora_b"]
+        stack, in_shape, out_shape = a0.shape[:n_stack], a0.shape[n_stack:-1], b0.shape[n_stack + 1:]
+        r = max(leaves["lora_a"].shape[-1] for _, leaves in present)
+        dtype = jnp.result_type(*[leaves["lora_a"].dtype for _, leaves in present])
+        a_st = np.zeros(stack + (A + 1,) + in_shape + (r,), np.float32)
+        b_st = np.zeros(stack + (A + 1, r) + out_shape, np.float32)
+        s_st = np.zeros(stack + (A + 1,), np.float32)
+        for i, leaves in present:
+            ri = leaves["lora_a"].shape[-1]
+            a_st[(slice(None),) * n_stack + (i + 1,)][..., :ri] = np.asarray(leaves["lora_a"], np.float32)
+            b_st[(slice(None),) * n_stack + (i + 1, slice(0, ri))] = np.asarray(leaves["lora_b"], np.float32)
+            s_st[(slice(None),) * n_stack + (i + 1,)] = np.asarray(leaves["lora_scale"], np.float32)
+        _put(out_tree, path, {"lora_a": jnp.asarray(a_st, dtype), "lora_b": jnp.asarray(b_st, dtype),
+                              "lora_scale": jnp.asarray(s_st)})
+    return combine(base, out_tree)
+

@@ -16,6 +16,10 @@ def _rank_letter(eq: str) -> str:
     return next(c for c in "rRzZqQ" if c not in eq)
 
 
+def _adapter_letter(eq: str) -> str:
+    return next(c for c in "aAyYxX" if c not in eq)
+
+
 def adapter_equations(eq: str, n_in: int) -> tuple[str, str]:
     """Dense's einsum (x, kernel -> y) split into x, a -> xa and xa, b -> y.
 
@@ -31,11 +35,49 @@ def adapter_equations(eq: str, n_in: int) -> tuple[str, str]:
     return f"{x_spec},{k_in}{r}->{batch}{r}", f"{batch}{r},{r}{k_out}->{out}"
 
 
-def adapter_delta(mod, eq: str, n_in: int, x, dt):
-    """scale * (dropout(x) a) b in the compute dtype `dt`, shaped like Dense's output."""
+def stacked_equations(eq: str, n_in: int) -> tuple[str, str]:
+    """adapter_equations with a leading adapter dim on a and b, kept on xa: "BTD,DNh->BTNh" -> ("BTD,aDr->BTar",
+    "BTar,arNh->BTNh"). The second contracts over (adapter, rank) together, so one matmul adds the selected term."""
+    eq_a, eq_b = adapter_equations(eq, n_in)
+    s = _adapter_letter(eq + eq_a)
+    (x_spec, a_spec), xa = eq_a.split("->")[0].split(","), eq_a.split("->")[1]
+    (_, b_spec), out = eq_b.split("->")[0].split(","), eq_b.split("->")[1]
+    xa_s = xa[:-1] + s + xa[-1]
+    return f"{x_spec},{s}{a_spec}->{xa_s}", f"{xa_s},{s}{b_spec}->{out}"
+
+
+def selected_delta(eq: str, n_in: int, x, a, b, scale, adapter_ids, dt):
+    """Each token's own adapter term from stacked adapters: a [A, in..., r], b [A, r, out...], scale [A],
+    adapter_ids [batch dims of x] int32 (slot 0 is the zero adapter: the base alone).
+
+    One-hot selection: x is multiplied by every adapter's `a` (A * r columns per token, small next to the kernel's
+    out columns), the rows of the other adapters are zeroed, and one contraction over (adapter, rank) with the
+    stacked `b` adds the selected term. Zeroing before the second matmul makes every other adapter contribute exact
+    zeros, so a token's output is its single adapter's (x a) b, times its scale afterwards as adapter_delta does.
+    Gathering a per token instead ([N, in, r] copies of the weights) was slower at every size measured (see
+    docs/benchmarks.md, multi-adapter LoRA)."""
+    eq_a, eq_b = stacked_equations(eq, n_in)
+    A = a.shape[0]
+    onehot = jax.nn.one_hot(adapter_ids, A, dtype=dt)  # [batch..., A]; an id outside [0, A) selects nothing
+    xa = jnp.einsum(eq_a, x, a.astype(dt)) * onehot[..., None]
+    y = jnp.einsum(eq_b, xa, b.astype(dt))
+    s = jnp.take(jnp.asarray(scale, jnp.float32), jnp.clip(adapter_ids, 0, A - 1)).astype(dt)
+    return y * s.reshape(s.shape + (1,) * (y.ndim - s.ndim))
+
+
+def adapter_delta(mod, eq: str, n_in: int, x, dt, adapter_ids=None):
+    """scale * (dropout(x) a) b in the compute dtype `dt`, shaped like Dense's output.
+
+    Stacked adapters (lora_scale [A], from jaxtx.lora.stack_adapters) need adapter_ids: each token gets its own."""
     a = mod.get_variable("params", "lora_a")
     b = mod.get_variable("params", "lora_b")
     scale = mod.get_variable("params", "lora_scale")
+    if jnp.ndim(scale) == 1:
+        if adapter_ids is None:
+            where = "/".join(map(str, mod.scope.path))
+            raise ValueError(f"{where}: the params hold {scale.shape[0]} stacked LoRA adapters "
+                             "(jaxtx.lora.stack_adapters); pass adapter_ids=[B, T] slots to model.apply (0 = base)")
+        return selected_delta(eq, n_in, x, a, b, scale, adapter_ids, dt)
     if mod.has_variable("params", "lora_dropout") and mod.has_rng("dropout"):
         rate = jnp.asarray(mod.get_variable("params", "lora_dropout"), jnp.float32)
         keep = jax.random.bernoulli(mod.make_rng("dropout"), 1.0 - rate, x.shape)
