@@ -2,7 +2,8 @@
 
     model, params = jaxtx.hf.load("path/to/hf_dir")           # config.json + *.safetensors (sharded too)
     logits = model.apply({"params": params}, ids)
-    jaxtx.hf.save(model, params, "out_dir")                   # transformers' from_pretrained reads it
+    jaxtx.hf.save(model, params, "out_dir")                   # transformers' from_pretrained reads it (new or
+                                                              # empty out_dir; overwrite=True replaces a model)
 
 Only safetensors are read; pickle files (*.bin, *.pt) are never opened. Every problem with a checkpoint (missing,
 unexpected, wrongly shaped or typed tensors) is reported by name in one HFConversionError.
@@ -18,11 +19,11 @@ import numpy as np
 from jaxtx.config import ModelConfig
 from jaxtx.hf import mapping
 from jaxtx.hf.config import SUPPORTED, HFConversionError, config_from_hf, config_to_hf, family_of
-from jaxtx.hf.convert import add_convert_args, convert_main, folder_kind
+from jaxtx.hf.convert import add_convert_args, check_target, convert_main, folder_kind, write_folder
 from jaxtx.hf.safetensors_io import SafetensorsError, TensorFile, write
 
-__all__ = ["load", "save", "config_from_hf", "config_to_hf", "HFConversionError", "SUPPORTED", "convert_main",
-           "add_convert_args", "save_jaxtx", "load_jaxtx"]
+__all__ = ["load", "save", "write_files", "config_from_hf", "config_to_hf", "HFConversionError", "SUPPORTED",
+           "convert_main", "add_convert_args", "save_jaxtx", "load_jaxtx"]
 _FLOATS = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 _MAX_LISTED = 100
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -248,9 +249,27 @@ def _load_tensors(path: Path, cfg: ModelConfig, mt: str, files: dict[str, Tensor
     return model, params
 
 
-def save(model_or_config, params: dict, path, *, max_shard_bytes: int | None = None) -> None:
+def save(model_or_config, params: dict, path, *, max_shard_bytes: int | None = None, overwrite: bool = False) -> None:
     """Write config.json + model.safetensors (or shards + index past max_shard_bytes) that transformers loads.
-    Params may be stacked ("layers") or unrolled ("layers_i"), boxed or not, with or without {"params": …}."""
+    Params may be stacked ("layers") or unrolled ("layers_i"), boxed or not, with or without {"params": …}.
+
+    `path` must be new or empty; with overwrite=True an existing model folder (HF or jaxtx, never other files or a
+    training run) is replaced. Either way the folder is written complete into a hidden sibling and then swapped in
+    (`jaxtx convert`'s path, jaxtx/hf/convert.py): a failure or a kill leaves `path` as it was, never half-written."""
+    hf_cfg, tensors = _hf_tensors(model_or_config, params)  # params that do not fit fail before any folder is made
+    d = check_target(path, overwrite, name="path", flag="overwrite=True", tool="jaxtx.hf.save")
+    write_folder(d, lambda tmp: _write_hf(tmp, hf_cfg, tensors, max_shard_bytes))
+
+
+def write_files(model_or_config, params: dict, folder, *, max_shard_bytes: int | None = None) -> None:
+    """`save`'s files written straight into `folder`, an empty folder the caller owns (no checks, no swap): for
+    writers that make their own hidden sibling and swap it in themselves (`jaxtx convert --to-hf`)."""
+    _write_hf(Path(folder), *_hf_tensors(model_or_config, params), max_shard_bytes)
+
+
+def _hf_tensors(model_or_config, params: dict) -> tuple[dict, dict]:
+    """(HF config.json dict, {HF tensor name: array}), or one HFConversionError listing every param that does not
+    fit the config."""
     import flax.linen as nn
     cfg = model_or_config if isinstance(model_or_config, ModelConfig) else model_or_config.cfg
     params = nn.unbox(params)
@@ -271,11 +290,11 @@ def save(model_or_config, params: dict, path, *, max_shard_bytes: int | None = N
             + "\n".join(_listing(t, x) for t, x in (("missing params", missing),
                                                     ("params with no HF tensor", ["/".join(map(str, p)) for p in flat]))
                         if x))
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    return hf_cfg, tensors
+
+
+def _write_hf(path: Path, hf_cfg: dict, tensors: dict, max_shard_bytes: int | None) -> None:
     (path / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
-    for old in list(path.glob("model*.safetensors")) + list(path.glob("model.safetensors.index.json")):
-        old.unlink()
     meta = {"format": "pt"}
     total = sum(a.nbytes for a in tensors.values())
     if max_shard_bytes is None or total <= max_shard_bytes:

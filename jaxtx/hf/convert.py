@@ -83,24 +83,34 @@ def check_paths(src, dst, src_flag: str, force: bool) -> tuple[Path, Path]:
     if s.is_relative_to(d):
         raise HFConversionError(f"{both}: the source is inside the target; replacing the target would delete the "
                                 "source: choose a --to outside it")
+    check_target(dst, force)
+    return s, d
+
+
+def check_target(dst, force: bool, *, name: str = "--to", flag: str = "--force", tool: str = "convert") -> Path:
+    """Refuse a target folder whose replacement could lose data: the folder holding the current one, a path under a
+    file, a non-empty folder without `force`, and even with it a folder that is not a model or is a training run.
+    name / flag / tool: how the caller's messages name the target, the override and the writer ("--to", "--force",
+    "convert" for the CLI; "path", "overwrite=True", "jaxtx.hf.save" for the Python API). Returns it resolved."""
+    d = Path(dst).resolve()
     if Path.cwd().resolve().is_relative_to(d) and d.exists():
-        raise HFConversionError(f"--to {dst} holds the current folder ({Path.cwd()}); replacing it would pull the "
-                                "folder out from under this shell: choose another --to")
+        raise HFConversionError(f"{name} {dst} holds the current folder ({Path.cwd()}); replacing it would pull the "
+                                f"folder out from under this shell: choose another {name}")
     for parent in [d, *d.parents]:
         if parent.exists() and not parent.is_dir():
-            raise HFConversionError(f"--to {dst}: {parent} is a file, expected a folder (or a path that does not "
+            raise HFConversionError(f"{name} {dst}: {parent} is a file, expected a folder (or a path that does not "
                                     "exist yet)")
     if d.is_dir() and any(d.iterdir()):
         if not force:
-            raise HFConversionError(f"--to {dst} is not empty ({_entries(d)}); pass --force to replace it (the old "
+            raise HFConversionError(f"{name} {dst} is not empty ({_entries(d)}); pass {flag} to replace it (the old "
                                     "folder is deleted only after the new one is complete), or choose a new folder")
         if folder_kind(d) is None:
-            raise HFConversionError(f"--to {dst} holds files that are not a model ({_entries(d)}); convert replaces "
-                                    "only a model folder, even with --force: choose an empty or new folder")
+            raise HFConversionError(f"{name} {dst} holds files that are not a model ({_entries(d)}); {tool} replaces "
+                                    f"only a model folder, even with {flag}: choose an empty or new folder")
         if is_training_run(d):
-            raise HFConversionError(f"--to {dst} is a training run (metrics.jsonl); convert never replaces a "
-                                    "training run, even with --force: choose another folder")
-    return s, d
+            raise HFConversionError(f"{name} {dst} is a training run (metrics.jsonl); {tool} never replaces a "
+                                    f"training run, even with {flag}: choose another folder")
+    return d
 
 
 # ------------------------------------------------------------------------------------------------ atomic replace
@@ -235,7 +245,7 @@ def convert_main(args: argparse.Namespace) -> int:
             cfg, params = hf.load_jaxtx(s)
             import jaxtx.model
             params, add = _lora(jaxtx.model.build(cfg), params, args)
-            replaced = write_folder(d, lambda tmp: (hf.save(cfg, params, tmp), add(tmp)))
+            replaced = write_folder(d, lambda tmp: (hf.write_files(cfg, params, tmp), add(tmp)))
             what = f"HF {hf.family_of(cfg)} model"
     except OSError as e:  # disk full, read-only, permissions: a one-line message, and the promise that holds
         raise HFConversionError(f"{e.filename or args.to}: {e.strerror or e}; --to {args.to} is unchanged") from e

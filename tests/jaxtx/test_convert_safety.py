@@ -188,7 +188,7 @@ def test_crash_midway_leaves_the_target_as_it_was(tmp_path, capsys, monkeypatch,
     to = {"new folder": outer / "out", "new nested folder": outer / "a" / "b" / "out"}.get(target)
     to = to or hf_copy(outer, "llama", to="out")
     before, around = checksums(outer), sorted(os.listdir(outer))
-    writer = "save" if direction == "to-hf" else "save_jaxtx"
+    writer = "write_files" if direction == "to-hf" else "save_jaxtx"
     monkeypatch.setattr(jaxtx.hf, writer, _crashing_writer(RuntimeError("simulated crash")))
     src = ["--from-jaxtx", jaxtx_model, "--to-hf"] if direction == "to-hf" else ["--from-hf", FIX / "gpt2"]
     force = ["--force"] if "force" in target else []
@@ -201,7 +201,7 @@ def test_crash_midway_leaves_the_target_as_it_was(tmp_path, capsys, monkeypatch,
 def test_disk_full_midway_is_one_line_and_leaves_the_target(tmp_path, capsys, monkeypatch, jaxtx_model):
     to = hf_copy(tmp_path, "llama", to="out")
     before = checksums(tmp_path)
-    monkeypatch.setattr(jaxtx.hf, "save", _crashing_writer(OSError(errno.ENOSPC, "No space left on device")))
+    monkeypatch.setattr(jaxtx.hf, "write_files", _crashing_writer(OSError(errno.ENOSPC, "No space left on device")))
     rc, out = cli(capsys, "convert", "--from-jaxtx", jaxtx_model, "--to-hf", "--to", to, "--force")
     assert rc == 2 and "No space left" in out and "unchanged" in out and "Traceback" not in out, out
     assert checksums(tmp_path) == before
@@ -357,3 +357,50 @@ def test_load_with_a_bad_dtype_names_it(dtype):
     """Before: TypeError: data type 'floaty' not understood, from deep inside jnp.dtype."""
     with pytest.raises(ValueError, match=rf"dtype={dtype!r}: expected one of float32, bfloat16, float16, float64"):
         jaxtx.hf.load(FIX / "gpt2", dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------------ Python API
+# jaxtx.hf.save has the CLI's guarantees. Before: it wrote into `path` in place, over whatever was there (a folder of
+# other files lost its config.json; a crash midway left a half-written mixture).
+@pytest.fixture(scope="module")
+def gpt2():
+    return jaxtx.hf.load(FIX / "gpt2")
+
+
+@pytest.mark.parametrize("kind,overwrite,needle", [
+    ("model", False, "is not empty"), ("user files", True, "not a model"), ("training run", True, "training run")])
+def test_api_save_refuses_and_leaves_the_folder_byte_for_byte(tmp_path, gpt2, kind, overwrite, needle):
+    to = hf_copy(tmp_path, "llama", to="out") if kind == "model" else tmp_path / "out"
+    if kind == "user files":
+        to.mkdir()
+        (to / "config.json").write_text('{"mine": 1}')
+    elif kind == "training run":
+        (to / "checkpoints" / "10").mkdir(parents=True)
+        (to / "config.yaml").write_text("model: {}\n")
+        (to / "metrics.jsonl").write_text('{"step": 10, "loss": 1.0}\n')
+    before = checksums(tmp_path)
+    with pytest.raises(jaxtx.hf.HFConversionError, match=f"path {to}.*{needle}") as e:
+        jaxtx.hf.save(*gpt2, to, overwrite=overwrite)
+    assert "overwrite=True" in str(e.value)
+    assert checksums(tmp_path) == before
+
+
+def test_api_save_overwrite_replaces_a_model_folder_whole(tmp_path, gpt2):
+    to = hf_copy(tmp_path, "llama", to="out")
+    (to / "tokenizer.json").write_text("{}")
+    jaxtx.hf.save(*gpt2, to, overwrite=True)
+    assert sorted(os.listdir(to)) == ["config.json", "model.safetensors"]
+    assert json.loads((to / "config.json").read_text())["model_type"] == "gpt2"
+    assert_same_params(jaxtx.hf.load(to)[1], gpt2[1])
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # no hidden sibling left
+
+
+@pytest.mark.parametrize("target", ["existing model + overwrite", "new folder"])
+def test_api_save_crash_midway_leaves_the_target_as_it_was(tmp_path, monkeypatch, gpt2, target):
+    to = hf_copy(tmp_path, "llama", to="out") if "existing" in target else tmp_path / "out"
+    before = checksums(tmp_path)
+    crash = _crashing_writer(RuntimeError("simulated crash"))
+    monkeypatch.setattr(jaxtx.hf, "_write_hf", lambda folder, *rest: crash(folder))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        jaxtx.hf.save(*gpt2, to, overwrite="existing" in target)
+    assert checksums(tmp_path) == before
