@@ -18,7 +18,7 @@ import functools
 import itertools
 import secrets
 import threading
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -66,8 +66,12 @@ def _set_penalty_row(state, slot, seen_V, counts_V):
 
 class Engine:
     def __init__(self, model, params, config: EngineConfig = EngineConfig(), *, cache=None, warmup: bool = True,
-                 mesh=None, rules=None):
+                 mesh=None, rules=None, adapters: Optional[Mapping[str, dict]] = None):
         """model, params: a decoder-only jaxtx model (any layout; unrolled decodes faster, see for_decoding).
+        adapters: {name: params holding a LoRA adapter of this base (load_peft / add_lora)}: served together over
+        the one base, each request picking one by name (add_request(adapter=name); None = the base). They are
+        stacked (jaxtx.lora.stack_adapters) and every step selects each token's adapter as data, so any mix of
+        adapters in a batch runs the same compiled step.
         cache: a pre-built paged cache (default: PagedKVCache.init(model.cfg, num_pages, page_size)).
         warmup: compile every bucket now (else call `warmup()` before serving; nothing compiles afterwards).
         mesh, rules: the mesh and logical rules the params are sharded with (jaxtx.sharding); the pages are then
@@ -79,6 +83,10 @@ class Engine:
         if mcfg.kind != "decoder":
             raise ValueError(f"Engine: model kind {mcfg.kind!r} is not served by the engine (decoder-only models; "
                              "T5 and BERT keep jaxtx.infer.generate / embed)")
+        self.adapter_slots = _adapter_slots(adapters)  # name -> slot (1..A); slot 0 is the base
+        if self.adapter_slots:
+            from jaxtx import lora
+            params = lora.stack_adapters(model, params, list(adapters.values()))
         self.model, self.params, self.config = model, params, config
         self.vocab_size = mcfg.vocab_size
         limit = mcfg.max_seq_len if mcfg.position == "learned" else None
@@ -138,8 +146,12 @@ class Engine:
     def add_request(self, prompt_ids, *, max_new_tokens: int, sampling: Sampling = GREEDY, seed: Optional[int] = None,
                     stop=None, eos_id=None, logprobs: Optional[int] = None, prompt_logprobs: bool = False,
                     allowed_tokens: Optional[Callable] = None, cache_salt: Optional[str] = None,
-                    request_id: Optional[str] = None) -> str:
-        """Queue a request; returns its id. Raises ValueError for bad arguments or a request that can never fit."""
+                    request_id: Optional[str] = None, adapter: Optional[str] = None) -> str:
+        """Queue a request; returns its id. Raises ValueError for bad arguments or a request that can never fit.
+        adapter: the name of one of the engine's LoRA adapters (None = the base)."""
+        if adapter is not None and adapter not in self.adapter_slots:
+            raise ValueError(f"adapter={adapter!r}: not one of this engine's LoRA adapters "
+                             f"{sorted(self.adapter_slots)} (None = the base model)")
         prompt = [int(t) for t in np.asarray(prompt_ids, np.int64).reshape(-1)]
         try:
             prompts_lib.validate([np.asarray(prompt)], self.vocab_size, None)
@@ -175,7 +187,8 @@ class Engine:
             self._live_ids.add(rid)
             self._incoming.append(Request(rid, prompt, int(max_new_tokens), sampling, seed, stop_seqs,
                                           None if logprobs is None else int(logprobs), bool(prompt_logprobs),
-                                          allowed_tokens, cache_salt))
+                                          allowed_tokens, cache_salt, adapter,
+                                          self.adapter_slots.get(adapter, 0)))
         return rid
 
     def abort(self, request_id: str) -> None:
@@ -190,7 +203,7 @@ class Engine:
 
     def stats(self) -> dict:
         return {**self.sched.stats(), "generated_tokens": self._generated, "kv_bytes": self.kv_bytes,
-                "compiled": self.compiled(), "decode_loops": self.multi_steps}
+                "compiled": self.compiled(), "decode_loops": self.multi_steps, "adapters": len(self.adapter_slots)}
 
     def _drain(self) -> list:
         with self._lock:
@@ -322,7 +335,8 @@ class Engine:
             page_table=np.zeros((R, self.pages_per_seq), np.int32), kv_lens=np.zeros(R, np.int32),
             cu_q_lens=np.zeros(R + 1, np.int32), num_seqs=np.int32(0), logits_at=np.zeros(R, np.int32),
             sample=np.zeros(R, bool), slots=np.arange(R, dtype=np.int32), params=sb.RowParams.host(R),
-            allowed=np.full((R, sb.words(self.vocab_size)), -1, np.int32), targets=np.zeros(N, np.int32))
+            allowed=np.full((R, sb.words(self.vocab_size)), -1, np.int32), targets=np.zeros(N, np.int32),
+            adapters=np.zeros(N, np.int32) if self.adapter_slots else None)
 
     def _inputs(self, out: ScheduleOutput, masks=None) -> step_lib.StepInputs:
         ps = self.config.page_size
@@ -343,6 +357,8 @@ class Engine:
             inp.logits_at[r] = off + n - 1
             inp.sample[r] = s.sample
             inp.slots[r] = req.slot
+            if inp.adapters is not None:
+                inp.adapters[off:off + n] = req.adapter_slot
             sb.set_row(inp.params, r, req.sampling, req.seed, len(req.output))
             if req.prompt_logprobs:
                 nxt = toks[start + 1:start + n + 1]
@@ -427,14 +443,18 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------------ generate
     def generate(self, prompts, *, max_new_tokens: int, sampling: Sampling = GREEDY, seed=0, stop=None, eos_id=None,
-                 return_logprobs: bool = False) -> Generation:
+                 return_logprobs: bool = False, adapter=None) -> Generation:
         """The same call and result as `jaxtx.infer.generate`, served by this engine (it drives step() itself, so
-        do not run it while another thread serves). An int seed gives prompt b the seed `seed + b`."""
+        do not run it while another thread serves). An int seed gives prompt b the seed `seed + b`. adapter: one
+        adapter name (or None = the base) for every prompt, or a list with one per prompt (mixed in one batch)."""
         rows = prompts_lib.as_rows(prompts)
         seeds = prompts_lib.row_seeds(seed, len(rows), len(rows))
+        names = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * len(rows)
+        if len(names) != len(rows):
+            raise ValueError(f"adapter: {len(names)} names for {len(rows)} prompts")
         ids = [self.add_request(row, max_new_tokens=max_new_tokens, sampling=sampling, seed=int(sd), stop=stop,
-                                eos_id=eos_id, logprobs=0 if return_logprobs else None)
-               for row, sd in zip(rows, seeds)]
+                                eos_id=eos_id, logprobs=0 if return_logprobs else None, adapter=name)
+               for row, sd, name in zip(rows, seeds, names)]
         got = {i: ([], []) for i in ids}
         done = {}
         while len(done) < len(ids):
@@ -471,6 +491,18 @@ def _place(state, mesh, rules):
         spec = sharding.logical_to_spec(names, rules, mesh, shape=a.shape, what=f"engine page pool {name}")
         return jax.device_put(a, NamedSharding(mesh, spec))
     return jax.tree_util.tree_map_with_path(one, state)
+
+
+def _adapter_slots(adapters) -> dict:
+    """{name: slot 1..A} in the given order, names checked."""
+    if adapters is None:
+        return {}
+    if not hasattr(adapters, "items"):
+        raise ValueError(f"Engine: adapters={type(adapters).__name__}; expected a mapping {{name: LoRA params}}")
+    for name in adapters:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"Engine: adapter name {name!r}: expected a non-empty string")
+    return {name: i + 1 for i, name in enumerate(adapters)}
 
 
 def _stop_seqs(stop, eos_id, vocab_size: int) -> list:

@@ -7,7 +7,8 @@ A page is in exactly one of three states:
                first when the free list runs dry
   free         ref == 0, no hash
 Only full pages are hashed. A page's hash chains the previous page's hash, its own token ids and (on the first page)
-an optional per-request cache salt, so equal hashes mean equal whole prefixes, never just an equal page.
+an optional per-request cache salt and the request's LoRA adapter, so equal hashes mean equal whole prefixes computed
+by the same weights, never just an equal page (K/V computed under one adapter are wrong for another or the base).
 """
 from __future__ import annotations
 
@@ -18,14 +19,18 @@ from typing import Optional, Sequence
 import numpy as np
 
 
-def page_hashes(tokens: Sequence[int], page_size: int, salt: Optional[str] = None, parent: bytes = b"") -> list:
-    """Chained sha256 digests of the full pages of `tokens` (a trailing partial page gets none)."""
+def page_hashes(tokens: Sequence[int], page_size: int, salt: Optional[str] = None, parent: bytes = b"",
+                adapter: Optional[str] = None) -> list:
+    """Chained sha256 digests of the full pages of `tokens` (a trailing partial page gets none). adapter: the LoRA
+    adapter the K/V are computed under (None = the base)."""
     out = []
     h = parent
     for i in range(len(tokens) // page_size):
         m = hashlib.sha256(h)
         if i == 0 and not parent and salt is not None:
             m.update(b"salt:" + str(salt).encode())
+        if i == 0 and not parent and adapter is not None:
+            m.update(b"adapter:" + str(adapter).encode())
         m.update(np.asarray(tokens[i * page_size:(i + 1) * page_size], np.int64).tobytes())
         h = m.digest()
         out.append(h)

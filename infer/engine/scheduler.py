@@ -35,6 +35,8 @@ class Request:
     prompt_logprobs: bool = False
     allowed_tokens: Optional[Callable] = None
     cache_salt: Optional[str] = None
+    adapter: Optional[str] = None  # LoRA adapter name (None = the base)
+    adapter_slot: int = 0  # its slot in the engine's stacked adapters (0 = the base)
 
     output: list = dataclasses.field(default_factory=list)
     num_computed: int = 0  # tokens whose K/V are in this request's pages
@@ -137,7 +139,8 @@ class Scheduler:
         if len(req.hashes) < n_full:
             parent = req.hashes[-1] if req.hashes else b""
             req.hashes += page_hashes(toks[len(req.hashes) * self.cfg.page_size: n_full * self.cfg.page_size],
-                                      self.cfg.page_size, req.cache_salt if not req.hashes else None, parent)
+                                      self.cfg.page_size, req.cache_salt if not req.hashes else None, parent,
+                                      req.adapter)
         return req.hashes
 
     def register_full_pages(self, req: Request) -> None:

@@ -40,6 +40,7 @@ class StepInputs(NamedTuple):
     params: sb.RowParams
     allowed: jax.Array  # [R, ceil(V/32)] i32 bitmask
     targets: jax.Array  # [N] i32, the next prompt token of every flat token (prompt log-probs), else 0
+    adapters: Any = None  # [N] i32 LoRA adapter slot of every flat token (0 = base); None: no stacked adapters
 
 
 class StepOutputs(NamedTuple):
@@ -56,10 +57,12 @@ def bare_cache(cache):
     return cache.without_step() if hasattr(cache, "without_step") else cache
 
 
-def _forward(model, params, cache, ids_N, pos_N, slot_N, page_table, kv_lens, cu_q_lens, num_seqs, at_M):
+def _forward(model, params, cache, ids_N, pos_N, slot_N, page_table, kv_lens, cu_q_lens, num_seqs, at_M,
+             adapters_N):
     cache = cache.with_step(slot_N, page_table, kv_lens, cu_q_lens, num_seqs)
+    extra = {} if adapters_N is None else {"adapter_ids": adapters_N[None]}  # data, not static: no compile per mix
     logits, cache = model.apply({"params": params}, ids_N[None], positions=pos_N[None], cache=cache,
-                                logits_at=at_M[None])
+                                logits_at=at_M[None], **extra)
     return logits[0], bare_cache(cache)
 
 
@@ -69,7 +72,7 @@ def ragged_step(model, params, state: DeviceState, inp: StepInputs, *, all_logit
     N = inp.ids.shape[0]
     at = jnp.arange(N, dtype=jnp.int32) if all_logits else inp.logits_at
     logits, cache = _forward(model, params, state.cache, inp.ids, inp.positions, inp.slot_mapping, inp.page_table,
-                             inp.kv_lens, inp.cu_q_lens, inp.num_seqs, at)
+                             inp.kv_lens, inp.cu_q_lens, inp.num_seqs, at, inp.adapters)
     prompt_lp = None
     if all_logits:
         prompt_lp = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1),
@@ -95,7 +98,8 @@ def decode_loop(model, params, state: DeviceState, inp: StepInputs, stop_ids_RS,
     """Up to `steps` decode steps in one while loop (nothing waiting, every running sequence decoding: sequence r is
     flat token r). The page table already holds pages for every position the loop can reach. A row stops on device
     when it samples one of its stop token ids (stop_ids_RS, -1 padded) or has produced remaining_R tokens; it then
-    feeds padding (position -1, nothing written). Multi-token stop sequences are checked on the host afterwards."""
+    feeds padding (position -1, nothing written). Multi-token stop sequences are checked on the host afterwards.
+    inp.adapters (if any) stays as given: flat token r is sequence r at every step, so its adapter slot is fixed."""
     R, N = inp.kv_lens.shape[0], inp.ids.shape[0]
     rows = jnp.arange(R)
     to_flat = lambda a_R, fill: jnp.full((N,), fill, jnp.int32).at[:min(N, R)].set(a_R[:min(N, R)])

@@ -41,6 +41,7 @@ class ServeConfig:
     model_vocab: int  # ids the model embeds (>= the tokenizer's pieces when the embedding is padded)
     api_key: Optional[str] = None
     max_queue: int = 512  # sequences in flight (running + waiting) before new requests get 503
+    adapters: tuple = ()  # ((name, source dir), ...): LoRA adapters served over the base; a request's `model` picks one
 
     def __post_init__(self):
         for name in ("max_model_len", "model_vocab", "max_queue"):
@@ -159,10 +160,17 @@ def create_app(engine, tokenizer: Tokenizer, config: ServeConfig) -> FastAPI:
         if request.headers.get("authorization", "") != f"Bearer {config.api_key}":
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
 
-    def check_model(name: str) -> None:
-        if name != config.model_name:
-            raise APIError(404, f"The model `{name}` does not exist (this server serves `{config.model_name}`).",
-                           param="model", code="model_not_found")
+    adapter_names = [name for name, _ in config.adapters]
+
+    def check_model(name: str) -> Optional[str]:
+        """The LoRA adapter a request's `model` names (None: the base); 404 for a model this server does not have."""
+        if name == config.model_name:
+            return None
+        if name in adapter_names:
+            return name
+        served = ", ".join(f"`{m}`" for m in [config.model_name] + adapter_names)
+        raise APIError(404, f"The model `{name}` does not exist (this server serves {served}).",
+                       param="model", code="model_not_found")
 
     def check_prompt(ids: list[int], max_new: int, limit_param: str) -> None:
         if not ids:
@@ -214,7 +222,8 @@ def create_app(engine, tokenizer: Tokenizer, config: ServeConfig) -> FastAPI:
                 raise APIError(400, str(e), param="response_format") from None
         return bias_mask, grammar
 
-    def engine_kwargs(req, max_new: int, *, logprobs: Optional[int], prompt_logprobs: bool) -> dict:
+    def engine_kwargs(req, max_new: int, *, logprobs: Optional[int], prompt_logprobs: bool,
+                      adapter: Optional[str]) -> dict:
         try:
             sampling = Sampling(
                 temperature=float(1.0 if req.temperature is None else req.temperature),
@@ -225,8 +234,9 @@ def create_app(engine, tokenizer: Tokenizer, config: ServeConfig) -> FastAPI:
         except ValueError as e:
             raise APIError(400, str(e).replace("Sampling.", "")) from None
         eos = list(tokenizer.eos_ids)
-        return dict(max_new_tokens=max_new, sampling=sampling, eos_id=eos or None, logprobs=logprobs,
-                    prompt_logprobs=prompt_logprobs)
+        kw = dict(max_new_tokens=max_new, sampling=sampling, eos_id=eos or None, logprobs=logprobs,
+                  prompt_logprobs=prompt_logprobs)
+        return kw if adapter is None else dict(kw, adapter=adapter)
 
     def make_job(req, prompts: list[list[int]], base_kwargs: dict, *, discard=False) -> _Job:
         n = req.n or 1
@@ -304,7 +314,7 @@ def create_app(engine, tokenizer: Tokenizer, config: ServeConfig) -> FastAPI:
     @app.post("/v1/completions", dependencies=[Depends(auth)])
     async def completions(req: schemas.CompletionRequest, request: Request):
         t0 = time.monotonic()
-        check_model(req.model)
+        adapter = check_model(req.model)
         texts, prompts = [], []
         for p in req.prompts():
             ids = tokenizer.encode(p) if isinstance(p, str) else list(p)
@@ -315,7 +325,8 @@ def create_app(engine, tokenizer: Tokenizer, config: ServeConfig) -> FastAPI:
         for ids in prompts:
             check_prompt(ids, max_new, "max_tokens")
         want_lp = req.logprobs is not None
-        kw = engine_kwargs(req, max_new, logprobs=req.logprobs, prompt_logprobs=bool(req.echo and want_lp))
+        kw = engine_kwargs(req, max_new, logprobs=req.logprobs, prompt_logprobs=bool(req.echo and want_lp),
+                           adapter=adapter)
         job = make_job(req, prompts, kw, discard=discard)
         n, cid, created = req.n or 1, f"cmpl-{uuid.uuid4().hex}", int(time.time())
         echo_text = lambda c: texts[c.index // n] if req.echo else ""  # noqa: E731
@@ -336,16 +347,16 @@ def create_app(engine, tokenizer: Tokenizer, config: ServeConfig) -> FastAPI:
                     choice = schemas.CompletionChoice(index=c.index, text=(echo_text(c) if first else "") + text,
                                                 logprobs=logprobs_of(c, before, len(c.token_ids), first),
                                                 finish_reason=c.finish_reason)
-                    yield _sse(schemas.Completion(id=cid, created=created, model=config.model_name, choices=[choice]))
+                    yield _sse(schemas.Completion(id=cid, created=created, model=req.model, choices=[choice]))
             if include_usage:
-                yield _sse(schemas.Completion(id=cid, created=created, model=config.model_name, choices=[],
+                yield _sse(schemas.Completion(id=cid, created=created, model=req.model, choices=[],
                                         usage=usage(job, prompts, n)))
 
         def final_body():
             choices = [schemas.CompletionChoice(index=c.index, text=echo_text(c) + c.text,
                                           logprobs=logprobs_of(c, 0, len(c.token_ids), True),
                                           finish_reason=c.finish_reason) for c in job.choices]
-            return schemas.Completion(id=cid, created=created, model=config.model_name, choices=choices,
+            return schemas.Completion(id=cid, created=created, model=req.model, choices=choices,
                                 usage=usage(job, prompts, n))
 
         return await run(request, job, t0, "completions", stream_body, final_body, bool(req.stream))
@@ -353,7 +364,7 @@ def create_app(engine, tokenizer: Tokenizer, config: ServeConfig) -> FastAPI:
     @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
     async def chat(req: schemas.ChatRequest, request: Request):
         t0 = time.monotonic()
-        check_model(req.model)
+        adapter = check_model(req.model)
         if tokenizer.chat_template is None:
             raise APIError(400, "this model has no chat template (no chat_template.jinja or tokenizer_config.json "
                                 "chat_template); use /v1/completions or start jaxtx serve with --chat-template FILE",
@@ -377,7 +388,7 @@ def create_app(engine, tokenizer: Tokenizer, config: ServeConfig) -> FastAPI:
         max_new = limit if limit is not None else config.max_model_len - len(ids)
         check_prompt(ids, max(max_new, 1), "max_completion_tokens" if req.max_completion_tokens else "max_tokens")
         top = (req.top_logprobs or 0) if req.logprobs else None
-        job = make_job(req, [ids], engine_kwargs(req, max_new, logprobs=top, prompt_logprobs=False))
+        job = make_job(req, [ids], engine_kwargs(req, max_new, logprobs=top, prompt_logprobs=False, adapter=adapter))
         cid, created, n = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), req.n or 1
 
         async def stream_body():
@@ -385,25 +396,25 @@ def create_app(engine, tokenizer: Tokenizer, config: ServeConfig) -> FastAPI:
             extra = dict(usage=None) if include_usage else {}
             for c in job.choices:  # the role comes first, as OpenAI sends it
                 c.first = False
-                yield _sse(schemas.ChatCompletionChunk(id=cid, created=created, model=config.model_name, choices=[
+                yield _sse(schemas.ChatCompletionChunk(id=cid, created=created, model=req.model, choices=[
                     schemas.ChunkChoice(index=c.index, delta=schemas.Delta(role="assistant", content=""))], **extra))
             while not job.done:
                 for c, text, before in await job.next(None):
                     if not text and not c.finished and not (req.logprobs and len(c.token_ids) > before):
                         continue
                     lp = c.chat_logprobs(before, len(c.token_ids)) if req.logprobs else None
-                    yield _sse(schemas.ChatCompletionChunk(id=cid, created=created, model=config.model_name, choices=[
+                    yield _sse(schemas.ChatCompletionChunk(id=cid, created=created, model=req.model, choices=[
                         schemas.ChunkChoice(index=c.index, delta=schemas.Delta(content=text or None), logprobs=lp,
                                       finish_reason=c.finish_reason)], **extra))
             if include_usage:
-                yield _sse(schemas.ChatCompletionChunk(id=cid, created=created, model=config.model_name, choices=[],
+                yield _sse(schemas.ChatCompletionChunk(id=cid, created=created, model=req.model, choices=[],
                                                  usage=usage(job, [ids], n)))
 
         def final_body():
             choices = [schemas.ChatChoice(index=c.index, message=schemas.AssistantMessage(content=c.text),
                                     logprobs=c.chat_logprobs(0, len(c.token_ids)) if req.logprobs else None,
                                     finish_reason=c.finish_reason) for c in job.choices]
-            return schemas.ChatCompletion(id=cid, created=created, model=config.model_name, choices=choices,
+            return schemas.ChatCompletion(id=cid, created=created, model=req.model, choices=choices,
                                     usage=usage(job, [ids], n))
 
         return await run(request, job, t0, "chat", stream_body, final_body, bool(req.stream))
@@ -412,9 +423,10 @@ def create_app(engine, tokenizer: Tokenizer, config: ServeConfig) -> FastAPI:
 
     @app.get("/v1/models", dependencies=[Depends(auth)])
     async def models():
-        return Response(schemas.ModelList(data=[schemas.ModelCard(id=config.model_name, created=started,
-                                                      max_model_len=config.max_model_len)]).model_dump_json(),
-                        media_type="application/json")
+        cards = [schemas.ModelCard(id=config.model_name, created=started, max_model_len=config.max_model_len)]
+        cards += [schemas.ModelCard(id=name, created=started, root=root, parent=config.model_name,
+                                    max_model_len=config.max_model_len) for name, root in config.adapters]
+        return Response(schemas.ModelList(data=cards).model_dump_json(), media_type="application/json")
 
     @app.get("/health")
     async def health():

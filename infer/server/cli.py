@@ -2,6 +2,7 @@
 
     jaxtx serve --hf path/to/hf_model --port 8000
     jaxtx serve --run runs/tiny --chat-template chat.jinja --api-key sk-local
+    jaxtx serve --hf path/to/hf_model --lora sql=adapters/sql --lora chat=adapters/chat   # model = base, sql or chat
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics (Prometheus).
 Startup compiles every step bucket of the engine (nothing compiles while serving) and prints what it compiled, the KV
@@ -27,6 +28,9 @@ def register(subparsers) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None, help="the `model` name clients send (default: the dir name)")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
+                   help="serve a LoRA adapter (a PEFT folder: adapter_config.json + adapter_model.safetensors) over "
+                        "the base as model NAME; repeatable: every adapter and the base share each batch")
     p.add_argument("--max-seqs", type=int, default=16, help="sequences decoded at once")
     p.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
     p.add_argument("--num-pages", type=int, default=None, help="KV pages in the pool (default: max-seqs full-length "
@@ -75,6 +79,36 @@ def _load(args):
     return loaded, tok
 
 
+def parse_lora(values, base_name: str) -> list:
+    """--lora NAME=DIR values -> [(name, Path)], checked before anything loads."""
+    from pathlib import Path
+    out: dict = {}
+    for v in values:
+        name, sep, folder = v.partition("=")
+        name, folder = name.strip(), folder.strip()
+        if not sep or not name or not folder:
+            raise ValueError(f"--lora {v!r}: expected NAME=DIR (the model name clients send, a PEFT adapter folder)")
+        if name in out or name == base_name:
+            raise ValueError(f"--lora {v!r}: the name {name!r} is already taken "
+                             f"({'the base model' if name == base_name else 'another --lora'}); names must differ")
+        if not Path(folder).is_dir():
+            raise ValueError(f"--lora {v!r}: {folder} is not a directory (expected a PEFT adapter folder)")
+        out[name] = Path(folder)
+    return list(out.items())
+
+
+def load_adapters(model, params, loras) -> dict:
+    """{name: params with that adapter} for Engine(adapters=...); an adapter for another base is refused."""
+    from jaxtx import lora
+    out = {}
+    for name, folder in loras:
+        try:
+            out[name] = lora.load_peft(model, params, folder)[1]
+        except ValueError as e:  # PeftError is a ConfigError, a ValueError: its message names file and tensor
+            raise ValueError(f"--lora {name}={folder}: {e}") from None
+    return out
+
+
 def _kv_page_bytes(cfg, page_size: int, int8: bool) -> int:
     k = cfg.n_kv_heads or cfg.n_heads
     hd = cfg.head_dim or cfg.d_model // cfg.n_heads
@@ -91,8 +125,11 @@ def build(args):
     from jaxtx.infer.server.app import ServeConfig, create_app
 
     t0 = time.perf_counter()
+    name = args.served_model_name or Path(args.run or args.hf).resolve().name
+    loras = parse_lora(args.lora, name)
     loaded, tok = _load(args)
     model, params = for_decoding(loaded.model, loaded.params)  # unrolled layers decode faster (see for_decoding)
+    adapters = load_adapters(model, params, loras)
     cfg = model.cfg
     max_len = args.max_model_len or cfg.max_seq_len
     num_pages = args.num_pages or args.max_seqs * -(-max_len // args.page_size)
@@ -101,11 +138,11 @@ def build(args):
                         quantize_kv=args.int8_kv, decode_steps=args.decode_steps,
                         prompt_logprobs=not args.no_prompt_logprobs, max_logprobs=args.max_logprobs)
     t1 = time.perf_counter()
-    engine = Engine(model, params, ecfg)
+    engine = Engine(model, params, ecfg, adapters=adapters or None)
     t2 = time.perf_counter()
-    name = args.served_model_name or Path(args.run or args.hf).resolve().name
     config = ServeConfig(model_name=name, max_model_len=engine.max_model_len, model_vocab=cfg.vocab_size,
-                         api_key=args.api_key, max_queue=args.max_queue)
+                         api_key=args.api_key, max_queue=args.max_queue,
+                         adapters=tuple((n, str(folder)) for n, folder in loras))
     app = create_app(engine, tok, config)
     kv = getattr(engine, "kv_bytes", None) or num_pages * _kv_page_bytes(cfg, args.page_size, args.int8_kv)
     lines = [
@@ -118,6 +155,9 @@ def build(args):
         + (" (int8)" if args.int8_kv else ""),
         f"chat       {'template loaded' if tok.chat_template else 'no chat template: /v1/chat/completions -> 400'}",
     ]
+    if loras:  # before the chat line: tests read that one last
+        lines.insert(-1, f"LoRA       {len(loras)} adapters over the base, one batch: "
+                         + ", ".join(f"{n} ({folder})" for n, folder in loras))
     return app, lines
 
 

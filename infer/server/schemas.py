@@ -291,6 +291,8 @@ class ModelCard(BaseModel):
     object: str = "model"
     created: int
     owned_by: str = "jaxtx"
+    root: Optional[str] = None  # as vLLM: the model's source (a LoRA adapter's folder)
+    parent: Optional[str] = None  # a LoRA adapter's base model id (None for the base itself)
     max_model_len: Optional[int] = None
 
 
