@@ -94,9 +94,21 @@ def topology_devices(topology: str, num_slices: int = 1):
     # libtpu takes /tmp/libtpu_lockfile per process; compile-only use touches no chip, so several processes (tests,
     # other engineers' kernel AOT checks) may share it.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    kw = {"num_slices": num_slices} if num_slices > 1 else {}
     try:
-        topo = topologies.get_topology_desc(topology_name=topology, platform="tpu", num_slices=num_slices) \
-            if num_slices > 1 else topologies.get_topology_desc(topology_name=topology, platform="tpu")
+        try:
+            topo = topologies.get_topology_desc(topology_name=topology, platform="tpu", **kw)
+        except Exception as e:  # noqa: BLE001
+            # libtpu assumes 2x2x1 chips per host, so a slice smaller than a host ("v5e:1x1", one 16 GiB chip, sold
+            # as v5litepod-1) is refused unless the host bounds are the slice itself
+            dims = topology.split(":")[-1].split("_")[0].split("x")
+            if "chips_per_host_bounds" not in str(e) or not all(d.isdigit() for d in dims) or len(dims) > 3:
+                raise
+            bounds = tuple(int(d) for d in dims) + (1,) * (3 - len(dims))
+            if math.prod(bounds) >= 4:  # not smaller than a host: the name itself is wrong (e.g. v5p:9x9x9)
+                raise
+            topo = topologies.get_topology_desc(topology_name=topology, platform="tpu",
+                                                chips_per_host_bounds=bounds, **kw)
     except Exception as e:  # noqa: BLE001 — libtpu missing or a bad name; both are user-fixable
         raise ConfigError(f"--topology {topology!r}: cannot get compile-only TPU devices ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}); is libtpu installed and the name valid "
@@ -163,13 +175,18 @@ def compile_train_step(run_cfg, devices, hbm: int = 0):
         t1 = time.perf_counter()
         compiled = _compile(lowered, "train step", (state, batch), hbm)
         t2 = time.perf_counter()
-    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     counts = sizing.param_counts(cfg)  # a token runs k of E experts: the FLOPs estimate counts only those
-    n_active = n_params - (counts.ffn - counts.ffn_active)
-    replicated = shd.check_replicated(state["params"], threshold_bytes=64 * 2**20)
-    return compiled, {"lower_s": t1 - t0, "compile_s": t2 - t1, "mesh": dict(mesh.shape), "n_params": n_params,
-                      "n_active": n_active, "tokens": run_cfg.train.batch_size * run_cfg.train.seq_len,
-                      "replicated": replicated}
+    n_trained = sum(x.size for x in jax.tree.leaves(state["params"]))
+    n_params = counts.total if "frozen" in state else n_trained  # LoRA: the model is the frozen base
+    info = {"lower_s": t1 - t0, "compile_s": t2 - t1, "mesh": dict(mesh.shape), "n_params": n_params,
+            "n_active": n_params - (counts.ffn - counts.ffn_active),
+            "tokens": run_cfg.train.batch_size * run_cfg.train.seq_len,
+            "replicated": shd.check_replicated(state["params"], threshold_bytes=64 * 2**20)}
+    if "frozen" in state:  # LoRA / QLoRA: what trains, and what the frozen base weighs per device
+        from jaxtx import lora
+        info["lora"] = {"trained": n_trained, "base_bytes": _shard_bytes(lora.strip(state["frozen"])),
+                        "quantize": run_cfg.lora.quantize}
+    return compiled, info
 
 
 def compile_decode_step(run_cfg, devices, batch: int, max_len: int, hbm: int = 0, weights: str | None = None):
@@ -257,6 +274,10 @@ def report(topology: str, n_devices: int, info: dict, mem: dict, out=None) -> No
       f"{info['tokens']} tokens per step"
       + (f", KV cache {gib(info['cache_bytes'])} in all" if "cache_bytes" in info else "")
       + (f", weights {gib(info['weight_bytes'])} in all" if "weight_bytes" in info else ""))
+    if "lora" in info:
+        lo = info["lora"]
+        p(f"LoRA: {lo['trained'] / 1e6:.1f} M trained params ({100 * lo['trained'] / info['n_params']:.2f}%), frozen "
+          f"base {lo['quantize'] or 'float'} {gib(lo['base_bytes'])} per device")
     p(f"lower {info['lower_s']:.1f} s, compile {info['compile_s']:.1f} s")
     p(f"HBM per device: arguments {gib(mem['arguments'])} + outputs {gib(mem['outputs'])} - aliased "
       f"{gib(mem['aliased'])} + temps {gib(mem['temps'])} + code {gib(mem['code'])} = {gib(mem['total'])} "
