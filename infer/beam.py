@@ -16,8 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtx import decode
+from jaxtx import sampling as sampling_lib
 from jaxtx.infer import generation
-from jaxtx.infer import sampling as sampling_lib
 from jaxtx.infer.prompts import check_options
 
 NEG_INF = -1e30
@@ -52,19 +53,19 @@ class BeamState(NamedTuple):
 
 
 def _run(model, params, ids_BT, lens_B, eos_E, enc_ids, enc_mask, *, W, max_new, max_len, length_penalty):
-    model, params = generation.decoding_layout(model, params)
+    model, params = decode.decoding_layout(model, params)
     cfg = model.cfg
     B = ids_BT.shape[0]
-    enc = None if enc_ids is None else generation.encode(model, params, enc_ids, enc_mask)
-    step0 = generation.step_fn(model, params, enc, enc_mask)
-    st = generation.prefill(step0, cfg, ids_BT, lens_B, jnp.ones(B, bool), max_new=1, max_len=max_len,
+    enc = None if enc_ids is None else decode.encode(model, params, enc_ids, enc_mask)
+    step0 = decode.step_fn(model, params, enc, enc_mask)
+    st = decode.prefill(step0, cfg, ids_BT, lens_B, jnp.ones(B, bool), max_new=1, max_len=max_len,
                             sampling=sampling_lib.GREEDY, want_logprobs=False)
     # every beam of a row starts from the same prefilled cache; only beam 0 is live at the first step
     rep = jnp.repeat(jnp.arange(B), W)
     cache = st.cache.take(rep)
     if enc is not None:
         enc, enc_mask = enc[rep], enc_mask[rep]
-    step = generation.step_fn(model, params, enc, enc_mask)
+    step = decode.step_fn(model, params, enc, enc_mask)
     logits = st.logits[rep]
     alive_logp = jnp.where(jnp.arange(W)[None] == 0, 0.0, NEG_INF) * jnp.ones((B, 1))
     alive_seq = jnp.full((B, W, max_new), -1, jnp.int32)
@@ -127,7 +128,7 @@ def beam_search(model, params, prompts, *, num_beams: int, max_new_tokens: int, 
                   length_penalty=length_penalty)
     d = generation.prepare(model, prompts, lengths, max_new_tokens, max_len, 0, bucket)
     eos = np.asarray([-2] if eos_id is None else np.atleast_1d(eos_id), np.int32)  # -2 matches no token
-    run = generation.compiled(_run, model, static_argnames=("W", "max_new", "max_len", "length_penalty"))
+    run = decode.compiled(_run, model, static_argnames=("W", "max_new", "max_len", "length_penalty"))
     scores, seqs = run(params, d.ids, d.lens, eos, d.enc_ids, d.enc_mask, W=num_beams, max_new=max_new_tokens,
                        max_len=d.max_len, length_penalty=float(length_penalty))
     scores, seqs = np.asarray(scores)[: d.n], np.asarray(seqs)[: d.n]

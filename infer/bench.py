@@ -117,15 +117,15 @@ def _jax_runner(model, params, B, T, N, quantize):
     import jax
     import numpy as np
 
-    from jaxtx.infer import generation
-    from jaxtx.infer.sampling import GREEDY
+    from jaxtx import decode
+    from jaxtx.sampling import GREEDY
     rng = np.random.default_rng(0)
     ids = rng.integers(3, model.cfg.vocab_size, (B, T)).astype(np.int32)
     lens, live, seeds = np.full(B, T, np.int32), np.ones(B, bool), np.zeros(B, np.uint32)
     max_len = T + N
-    full = generation.generate_program(model)
-    prefill = jax.jit(lambda p, i, l: generation.prefill(
-        generation.step_fn(model, p), model.cfg, i, l, live, max_new=N, max_len=max_len, sampling=GREEDY,
+    full = decode.program(model)
+    prefill = jax.jit(lambda p, i, l: decode.prefill(
+        decode.step_fn(model, p), model.cfg, i, l, live, max_new=N, max_len=max_len, sampling=GREEDY,
         want_logprobs=False, quantize=quantize).logits.argmax(-1))
 
     def ttft():

@@ -263,7 +263,7 @@ def run(args) -> int:
 
 
 def _print_all(token_lists, decode, stop_strings):
-    from jaxtx.infer.stop import truncate_text
+    from jaxtx.stop import truncate_text
     for i, toks in enumerate(token_lists):
         text, _ = truncate_text(decode(toks), stop_strings)
         if len(token_lists) > 1:
@@ -276,7 +276,7 @@ def _stream_one(model, params, prompt, args, max_new, seed, sampling, stop_ids, 
     pieces across tokens, so per-token decoding would garble spaces and multi-byte characters).
     Returns (finish reason, new tokens produced)."""
     from jaxtx.infer import stream
-    from jaxtx.infer.stop import truncate_text
+    from jaxtx.stop import truncate_text
     eos_set = {eos} if eos is not None else set()
     toks, shown, text, reason = [], "", "", "length"
 

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtx import decode
 from jaxtx.infer import prompts
 
 
@@ -35,7 +36,7 @@ def embed(model, params, sentences, *, token_type_ids=None, normalize: bool = Tr
         raise ValueError(f"embed: needs an encoder-only model (kind 'encoder'), got kind {model.cfg.kind!r}")
     rows = prompts.as_rows(sentences)
     prompts.validate(rows, model.cfg.vocab_size, model.cfg.max_seq_len)
-    ids, lens, _ = prompts.pad_batch(rows, bucket=bucket)
+    ids, lens, _ = decode.pad_batch(rows, bucket=bucket)
     mask = (np.arange(ids.shape[1])[None] < lens[:, None]).astype(np.int32)
     types = np.zeros_like(ids)
     if token_type_ids is not None:

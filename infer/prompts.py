@@ -1,4 +1,4 @@
-"""Host-side prompt preparation: validation with clear errors, right padding, and shape buckets.
+"""Host-side prompt preparation: validation with clear errors and per-row seeds.
 
 Every public decoding entry point (generate, stream, beam_search, speculative_generate, embed) goes through this
 module before anything reaches JAX, so a bad argument is a `PromptError` (a ValueError) that names the argument, the
@@ -9,10 +9,8 @@ value and what was expected, never a tracer error from deep inside a jitted loop
     validate(rows, vocab_size, max_prompt_len)                                         ids in range, fits the cache
     seeds = row_seeds(seed, n_rows, n_padded)
 
-Buckets bound the number of compilations when serving many prompts: the prompt length rounds up to a power of two
-(at least MIN_LEN_BUCKET) and the batch to a power of two, so every batch lands on one of a few (B, T) shapes.
-Padding tokens get position -1 (never written to the cache, never visible) and padding rows are marked finished
-before the loop starts, so neither changes any real row's tokens.
+Padding to the shape buckets (`pad_batch`) belongs to the decode loop in core (`jaxtx.decode`), which train's
+end-of-run samples share.
 """
 from __future__ import annotations
 
@@ -21,17 +19,11 @@ from typing import Sequence
 
 import numpy as np
 
-MIN_LEN_BUCKET = 16
 SEED_LIMIT = 1 << 32  # row seeds are uint32 on device (jax.random.key); larger or negative ones would wrap silently
 
 
 class PromptError(ValueError):
     """A prompt or decoding option cannot be used (empty, too long for the cache, ids outside the vocabulary, ...)."""
-
-
-def next_pow2(n: int, minimum: int = 1) -> int:
-    n = max(int(n), minimum)
-    return 1 << (n - 1).bit_length()
 
 
 # ------------------------------------------------------------------------------------------------ scalar options
@@ -213,18 +205,6 @@ def validate(rows: Sequence[np.ndarray], vocab_size: int, max_prompt_len: int | 
         if max_prompt_len is not None and r.size > max_prompt_len:
             raise PromptError(f"prompt {b} has {r.size} tokens but the cache holds at most {max_prompt_len} "
                               f"positions: shorten the prompt or raise max_len")
-
-
-def pad_batch(rows: Sequence[np.ndarray], *, bucket: bool = True, pad_id: int = 0):
-    """-> ids [Bb, Tb] int32 (right-padded), lens [Bb] int32 (0 for padding rows), live [Bb] bool."""
-    B, T = len(rows), max(r.size for r in rows)
-    Bb, Tb = (next_pow2(B), next_pow2(T, MIN_LEN_BUCKET)) if bucket else (B, T)
-    ids = np.full((Bb, Tb), pad_id, np.int32)
-    lens = np.zeros(Bb, np.int32)
-    for b, r in enumerate(rows):
-        ids[b, : r.size] = r
-        lens[b] = r.size
-    return ids, lens, np.arange(Bb) < B
 
 
 def row_seeds(seed, n_rows: int, n_padded: int) -> np.ndarray:

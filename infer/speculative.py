@@ -26,9 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtx import decode
+from jaxtx import sampling as sampling_lib
+from jaxtx import stop as stop_lib
 from jaxtx.infer import generation
-from jaxtx.infer import sampling as sampling_lib
-from jaxtx.infer import stop as stop_lib
 from jaxtx.infer.prompts import check_options
 from jaxtx.infer.speculative_rule import accept
 
@@ -71,11 +72,11 @@ def _run(target, draft, tparams, dparams, ids_BT, lens_B, live_B, seeds_B, stop_
     n_acc / rounds [B] (accepted drafts, rounds per row), count [B] (tokens emitted, before the host trims to
     max_new), and the final target / draft caches."""
     B = ids_BT.shape[0]
-    target, tparams = generation.decoding_layout(target, tparams)
-    draft, dparams = generation.decoding_layout(draft, dparams)
-    tstep, dstep = generation.step_fn(target, tparams), generation.step_fn(draft, dparams)
-    tlogits0, tcache0 = generation.prefill_cache(tstep, target.cfg, ids_BT, lens_B, max_len=max_len, spare=k)
-    _, dcache0 = generation.prefill_cache(dstep, draft.cfg, ids_BT, lens_B, max_len=max_len, spare=k)
+    target, tparams = decode.decoding_layout(target, tparams)
+    draft, dparams = decode.decoding_layout(draft, dparams)
+    tstep, dstep = decode.step_fn(target, tparams), decode.step_fn(draft, dparams)
+    tlogits0, tcache0 = decode.prefill_cache(tstep, target.cfg, ids_BT, lens_B, max_len=max_len, spare=k)
+    _, dcache0 = decode.prefill_cache(dstep, draft.cfg, ids_BT, lens_B, max_len=max_len, spare=k)
     keys = lambda r, j: sampling_lib.row_keys(seeds_B, r * (k + 2) + j)  # noqa: E731  independent streams per round
     first = sampling_lib.sample(tlogits0, sampling, None if sampling.greedy else keys(0, k + 1))
     N = max_new + k + 1  # a round may overshoot max_new by up to k tokens; trimmed on the host
@@ -179,7 +180,7 @@ def speculative_generate(target, tparams, draft, dparams, prompts, *, max_new_to
                          f"{longest + max_new_tokens + k + 1} exceeds the learned position table ({limit})")
     max_len = _max_len(d.ids.shape[1], max_new_tokens, k, limit)
     stop_items, packed = generation.stop_arg(stop, eos_id)
-    run = generation.compiled(_run, target, draft, static_argnames=("k", "max_new", "max_len", "sampling"))
+    run = decode.compiled(_run, target, draft, static_argnames=("k", "max_new", "max_len", "sampling"))
     res = run(tparams, dparams, d.ids, d.lens, d.live, d.seeds, packed, k=k, max_new=max_new_tokens, max_len=max_len,
               sampling=sampling)
     out, stopped, n_acc, rounds = res["out"], res["stopped"], res["n_acc"], res["rounds"]

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from jaxtx.infer import Sampling, generate, stream
+from jaxtx import decode
 from jaxtx.infer import generation
 from jaxtx.infer.prompts import PromptError
 
@@ -18,11 +19,11 @@ def test_prefill_then_decode_matches_full_forward(family):
     model, params = small_model(family)
     seqs = np.random.default_rng(1).integers(0, 97, (2, 14)).astype(np.int32)
     plens = np.array([3, 6], np.int32)
-    step = generation.step_fn(model, params)
+    step = decode.step_fn(model, params)
     ids = np.zeros((2, 8), np.int32)
     for b in range(2):
         ids[b, : plens[b]] = seqs[b, : plens[b]]
-    st = jax.jit(lambda i, l: generation.prefill(step, model.cfg, i, l, jnp.ones(2, bool), max_new=12, max_len=20,
+    st = jax.jit(lambda i, l: decode.prefill(step, model.cfg, i, l, jnp.ones(2, bool), max_new=12, max_len=20,
                                                  sampling=Sampling(), want_logprobs=False))(ids, plens)
     got = [[np.asarray(st.logits[b])] for b in range(2)]
     cache, pos = st.cache, plens.copy()
@@ -66,7 +67,7 @@ def test_sampling_with_per_row_seeds_is_batch_independent():
 def test_same_bucket_does_not_recompile():
     model, params = small_model("llama")
     generate(model, params, [[1, 2, 3], [4, 5]], max_new_tokens=5)
-    fn = generation.generate_program(model)
+    fn = decode.program(model)
     n = fn._cache_size()
     generate(model, params, [[7, 8, 9, 10, 11, 12], [13]], max_new_tokens=5)  # other lengths, same (2, 16) bucket
     generate(model, params, [[7, 8, 9], [13], [1]], max_new_tokens=5)  # 3 rows -> batch bucket 4: a new shape
@@ -160,24 +161,24 @@ def test_decode_programs_unroll_a_scanned_stack_themselves():
     per config; the program itself is cached per model object (one jit cache for generate, stream, beam, spec)."""
     model, params = small_model("llama")
     assert model.cfg.scan_layers
-    m1, p1 = generation.decoding_layout(model, params)
-    m2, _ = generation.decoding_layout(model, params)
+    m1, p1 = decode.decoding_layout(model, params)
+    m2, _ = decode.decoding_layout(model, params)
     assert m1 is m2 and not m1.cfg.scan_layers and "layers_1" in p1
-    assert generation.decoding_layout(m1, p1)[0] is m1  # already unrolled: unchanged
-    assert generation.generate_program(model) is generation.generate_program(model)
-    traced = jax.make_jaxpr(lambda p: generation.step_fn(*generation.decoding_layout(model, p))(
-        jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32), generation.KVCache.init(m1.cfg, 1, 4)))(params)
+    assert decode.decoding_layout(m1, p1)[0] is m1  # already unrolled: unchanged
+    assert decode.program(model) is decode.program(model)
+    traced = jax.make_jaxpr(lambda p: decode.step_fn(*decode.decoding_layout(model, p))(
+        jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32), decode.KVCache.init(m1.cfg, 1, 4)))(params)
     assert "scan" not in str(traced)  # the decode step has no layer loop left
 
 
 def test_cache_takes_the_models_dtype_and_is_asked_whether_it_is_full():
     model, params = small_model("llama", ("dtype=bfloat16",))
-    step = generation.step_fn(model, params)
-    _, cache = generation.prefill_cache(step, model.cfg, jnp.ones((1, 4), jnp.int32), jnp.array([4]), max_len=6)
+    step = decode.step_fn(model, params)
+    _, cache = decode.prefill_cache(step, model.cfg, jnp.ones((1, 4), jnp.int32), jnp.array([4]), max_len=6)
     assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves((cache.k, cache.v)))
     np.testing.assert_array_equal(cache.is_full(jnp.array([5])), [False])
     np.testing.assert_array_equal(cache.is_full(jnp.array([6])), [True])
     wmodel, wparams = small_model("window")
-    _, ring = generation.prefill_cache(generation.step_fn(wmodel, wparams), wmodel.cfg, jnp.ones((1, 4), jnp.int32),
+    _, ring = decode.prefill_cache(decode.step_fn(wmodel, wparams), wmodel.cfg, jnp.ones((1, 4), jnp.int32),
                                        jnp.array([4]), max_len=64)
     assert ring.ring and ring.slots == 4 and not bool(ring.is_full(jnp.array([1000]))[0])

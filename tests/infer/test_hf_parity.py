@@ -48,13 +48,13 @@ def test_t5_cached_decode_matches_hf_logits():
     import jax
     import jax.numpy as jnp
 
-    from jaxtx.infer import generation
+    from jaxtx import decode
     from jaxtx.infer.sampling import GREEDY
     model, params, exp = _load("t5")
     ids, mask, dec = exp["input_ids"], exp["attention_mask"], exp["decoder_input_ids"]
     enc = model.apply({"params": params}, ids, mask, method="encode")
-    step = jax.jit(generation.step_fn(model, params, enc, jnp.asarray(mask)))
-    st = generation.prefill(step, model.cfg, jnp.asarray(dec[:, :1]), jnp.ones(2, jnp.int32), jnp.ones(2, bool),
+    step = jax.jit(decode.step_fn(model, params, enc, jnp.asarray(mask)))
+    st = decode.prefill(step, model.cfg, jnp.asarray(dec[:, :1]), jnp.ones(2, jnp.int32), jnp.ones(2, bool),
                             max_new=1, max_len=dec.shape[1], sampling=GREEDY, want_logprobs=False)
     got, cache = [np.asarray(st.logits)], st.cache
     assert cache.cross_k is not None

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from jaxtx.infer import sampling
-from jaxtx.infer import stop as stop_lib
+from jaxtx import sampling
+from jaxtx import stop as stop_lib
 
 # probabilities 0.4, 0.3, 0.15, 0.1, 0.05 (shuffled positions so nothing depends on token order)
 P = np.array([0.1, 0.4, 0.05, 0.3, 0.15])
