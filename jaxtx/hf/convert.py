@@ -12,6 +12,8 @@ What it guarantees (issue 10, case 5):
   renames. The old folder is deleted only after the new one is in place. A failure while writing removes the
   temporary folder (ours) and leaves `--to` exactly as it was; a hard kill leaves `--to` either old or new, never a
   mixture (plus, at worst, a hidden `.NAME.jaxtx-*` sibling, which only this tool creates).
+`jaxtx.hf.save(..., overwrite=True)` and `jaxtx quantize` write through the same checks (`check_target`) and swap
+(`write_folder`).
 """
 from __future__ import annotations
 
@@ -175,7 +177,7 @@ def write_folder(dst: Path, write: Callable[[Path], None]) -> bool:
     try:
         shutil.rmtree(old)
     except OSError as e:  # the new folder is in place; say what is left rather than fail the conversion
-        print(f"jaxtx convert: warning: could not delete the replaced folder, now at {old}: {e}", file=sys.stderr)
+        print(f"jaxtx: warning: could not delete the replaced folder, now at {old}: {e}", file=sys.stderr)
     return True
 
 
