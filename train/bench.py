@@ -23,6 +23,7 @@ def bench_jax(run_cfg, steps: int) -> dict:
 
     from jaxtx import model as jmodel
     from jaxtx import sharding as shd
+    from jaxtx import sizing
     from jaxtx.train import metrics
     from jaxtx.train.loop import make_run_mesh, resolve_model_config
     from jaxtx.train.optim import make_optimizer
@@ -54,11 +55,15 @@ def bench_jax(run_cfg, steps: int) -> dict:
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     tokens = t.batch_size * t.seq_len
     med = statistics.median(times)
+    with shd.use_mesh(mesh, rules):  # XLA's buffer plan of the same step (one more compile): the peak it will hold
+        from jaxtx.train.aot import analyze
+        mem = analyze(step.lower(state, batch).compile(), 0)
     peak = metrics.total_peak_flops(mesh.devices.flat)
     fpt = metrics.train_flops_per_token(cfg, t.seq_len)
     return {"system": f"jaxtx ({jax.default_backend()}, {cfg.dtype})", "step_s": med, "tokens_per_s": tokens / med,
             "mfu": tokens / med * fpt / peak, "compile_s": compile_s, "params": n_params, "peak": peak,
-            "flops_per_token": fpt, "loss": float(m["loss"])}
+            "flops_per_token": fpt, "loss": float(m["loss"]), "peak_bytes": mem["total"],
+            "arg_bytes": mem["arguments"], "temp_bytes": mem["temps"], "model_params": sizing.param_counts(cfg).total}
 
 
 def bench_torch(run_cfg, steps: int, peak: float, flops_per_token: float) -> dict:
@@ -119,7 +124,7 @@ def run(args) -> int:
             print(f"--baseline torch needs torch and transformers ({e})", file=sys.stderr)
             return 2
     j = rows[0]
-    print(f"{run_cfg.model_preset} + overrides: {j['params'] / 1e6:.1f}M params, batch {t.batch_size} x {t.seq_len}, "
+    print(f"{run_cfg.model_preset} + overrides: {j['model_params'] / 1e6:.1f}M params, batch {t.batch_size} x {t.seq_len}, "
           f"{j['flops_per_token'] / 1e6:.0f} MFLOP/token (train), peak {j['peak'] / 1e9:.0f} GFLOP/s "
           f"({'measured f32 matmul' if 'cpu' in j['system'] else 'chip table'}); median of {args.steps} steps")
     print(f"{'system':<44} {'step ms':>9} {'tokens/s':>10} {'MFU':>6} {'compile s':>9}")
@@ -128,4 +133,25 @@ def run(args) -> int:
               f"{r['compile_s']:>9.1f}")
     if len(rows) == 2:
         print(f"jaxtx / torch tokens/s: {rows[0]['tokens_per_s'] / rows[1]['tokens_per_s']:.2f}x")
+    if run_cfg.lora is not None:
+        lora_vs_full(run_cfg, j, args.steps)
     return 0
+
+
+def lora_vs_full(run_cfg, lo: dict, steps: int) -> dict:
+    """With a `lora:` section: the same model, batch and optimizer fully fine-tuned in this process, beside the LoRA
+    row: step time, trainable share, and the compiled step's memory (arguments + temporaries, XLA's plan)."""
+    import dataclasses
+    full = bench_jax(dataclasses.replace(run_cfg, lora=None), steps)
+    lc = run_cfg.lora
+    name = f"LoRA r{lc.r} {lc.target_modules if isinstance(lc.target_modules, str) else ','.join(lc.target_modules)}"
+    name += f" ({lc.quantize} base)" if lc.quantize else ""
+    mib = lambda b: b / 2**20  # noqa: E731
+    print(f"\n{'run':<44} {'step ms':>9} {'trainable (share)':>20} {'peak MiB (args / temps)':>26}")
+    for label, r in (("full fine-tune", full), (name, lo)):
+        share = f"{r['params'] / 1e6:.2f}M ({100 * r['params'] / r['model_params']:.2f}%)"
+        mem = f"{mib(r['peak_bytes']):.1f} ({mib(r['arg_bytes']):.1f} / {mib(r['temp_bytes']):.1f})"
+        print(f"{label:<44} {r['step_s'] * 1e3:>9.1f} {share:>20} {mem:>26}")
+    print(f"LoRA / full: step time {lo['step_s'] / full['step_s']:.2f}x, peak memory "
+          f"{lo['peak_bytes'] / full['peak_bytes']:.2f}x")
+    return full

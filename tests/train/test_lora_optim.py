@@ -13,16 +13,16 @@ from jaxtx.train.loop import make_run_mesh
 from jaxtx.train.optim import decay_mask, make_optimizer
 from jaxtx.train.step import init_train_state, make_train_step
 
-LORA = ["lora.r=4", "lora.alpha=8", "lora.target_modules=all-linear", "optim.warmup_steps=0", "optim.decay=constant",
-        "train.batch_size=4", "train.seq_len=16"]
+LORA = ["lora.r=4", "lora.alpha=8", "lora.target_modules=all-linear"]
+RUN = ["optim.warmup_steps=0", "optim.decay=constant", "train.batch_size=4", "train.seq_len=16"]
 
 
 def _names(tree) -> set[str]:
     return {str(getattr(p[-1], "key", p[-1])) for p, x in jax.tree_util.tree_leaves_with_path(tree) if np.ndim(x)}
 
 
-def _state(extra):
-    cfg = run_cfg([*LORA, *extra])
+def _state(extra, lora=True):
+    cfg = run_cfg([*RUN, *(LORA if lora else []), *extra])
     mc = cfg.model_config()
     model = model_lib.build(mc)
     opt = make_optimizer(cfg.optim, 10)
@@ -75,3 +75,15 @@ def test_one_step_decays_adapters_in_closed_form():
     for (path, d), w in zip(jax.tree_util.tree_leaves_with_path(diff), jax.tree.leaves(want)):
         assert np.abs(w).max() > 1e-5, path
         np.testing.assert_allclose(d, w, rtol=1e-3, atol=1e-8, err_msg=jax.tree_util.keystr(path))
+
+
+def test_bfloat16_params_keep_bfloat16_moments():
+    """model.param_dtype=bfloat16: the step's gradients stay bf16 (an f32 token count once promoted them, Adam's
+    moments turned f32 and the non-finite skip branch no longer matched: the step did not trace)."""
+    for lora in (False, True):
+        _, state, step, (mesh, rules) = _state(["model.param_dtype=bfloat16"], lora)
+        tokens = jnp.full((4, 16), 5, jnp.int32)
+        with shd.use_mesh(mesh, rules):
+            new, met = step(state, {"tokens": tokens, "segment_ids": jnp.ones_like(tokens)})
+        assert np.isfinite(float(met["loss"]))
+        assert {x.dtype for x in jax.tree.leaves(new["opt_state"]) if x.ndim} == {jnp.dtype(jnp.bfloat16)}
