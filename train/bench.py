@@ -124,7 +124,8 @@ def run(args) -> int:
             print(f"--baseline torch needs torch and transformers ({e})", file=sys.stderr)
             return 2
     j = rows[0]
-    print(f"{run_cfg.model_preset} + overrides: {j['model_params'] / 1e6:.1f}M params, batch {t.batch_size} x {t.seq_len}, "
+    print(f"{run_cfg.model_preset} + overrides: {j['model_params'] / 1e6:.1f}M params, batch {t.batch_size} x "
+          f"{t.seq_len}, "
           f"{j['flops_per_token'] / 1e6:.0f} MFLOP/token (train), peak {j['peak'] / 1e9:.0f} GFLOP/s "
           f"({'measured f32 matmul' if 'cpu' in j['system'] else 'chip table'}); median of {args.steps} steps")
     print(f"{'system':<44} {'step ms':>9} {'tokens/s':>10} {'MFU':>6} {'compile s':>9}")
