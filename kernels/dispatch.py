@@ -4,8 +4,9 @@ backend="auto":
   TPU  -> "pallas_tpu" (Mosaic flash kernel)
   GPU  -> "cudnn" (jax.nn.dot_product_attention, implementation="cudnn") when it supports the arguments, else
           "pallas_gpu" (Triton flash kernel)
-  CPU  -> "xla" (the reference: materializes the scores) when T * S <= XLA_MAX_TS (128 x 128), else "blockwise"
-          (lax-loop flash attention: O(T) memory, and faster than XLA from T ~ 128 on the dev CPU)
+  CPU  -> "xla" (materialized scores, one masked softmax: flash_attention/dense.py; the reference when a bias is
+          given) when T * S <= XLA_MAX_TS (512 x 512), else "blockwise" (lax-loop flash attention: O(T) memory,
+          and faster from T ~ 1024 on the dev CPU)
   An additive `bias` is only taken by "xla" and "blockwise": auto then picks between those two by the same T * S rule.
 A forced backend that cannot handle the arguments raises ValueError saying why; it never silently falls back.
 `interpret=True` runs a forced Pallas backend in interpret mode on CPU (tests); with backend="auto" on CPU it selects
@@ -18,14 +19,16 @@ import jax.numpy as jnp
 
 from jaxtx.kernels.flash_attention.blockwise import blockwise_attention
 from jaxtx.kernels.flash_attention.common import check_inputs
+from jaxtx.kernels.flash_attention.dense import dense_attention
 from jaxtx.kernels.reference import attention_reference
 
 BACKENDS = ("auto", "xla", "blockwise", "pallas_tpu", "pallas_gpu", "cudnn")
-# CPU crossover, measured with `jaxtx bench attention` on the 2-core dev machine (B=1 H=8 K=2 Hd=64 f32, loaded
-# machine, so +-2x noise): the blockwise path already beats the XLA reference from T = S = 128 (fwd 3.7x, fwd+bwd
-# 3.6x non-causal; causal 1.5x / 2.2x) and by 6x / 15x at T = 4096 causal; at T = 64 they tie (fwd+bwd 0.87x).
-# Tiny problems keep the single fused XLA graph (less compile time, no loops).
-XLA_MAX_TS = 128 * 128
+# CPU crossover, re-measured 2026-12-02 with tools/ab_attention.py (B=8 H=12 K=12 Hd=64 f32 causal with segment ids,
+# fwd+bwd, the two backends alternating in one process, median process-CPU time on the loaded 2-core machine):
+# blockwise / xla = 1.34x at T = 128, 1.11x at 256, 1.14x at 512 (xla faster), 0.66x at 1024 (blockwise faster: it
+# skips the masked upper triangle). "xla" is kernels/flash_attention/dense.py (one masked softmax, hand-written
+# backward); it saves p, [B, H, T, S] f32 per layer, which caps it at T = S = 512 too.
+XLA_MAX_TS = 512 * 512
 # The one platform -> Pallas backend map of every kernel family (flash, paged, ragged paged attention).
 PALLAS_BACKEND = {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu"}
 
@@ -92,6 +95,8 @@ def attention(q, k, v, *, causal=False, window=None, segment_ids=None, kv_segmen
         else:
             backend = select_backend(q, k, bias=bias, **mask_kw)
     if backend == "xla":
+        if bias is None:  # the same scores, with a hand-written backward (dense.py)
+            return dense_attention(q, k, v, softmax_scale=softmax_scale, **mask_kw)
         return attention_reference(q, k, v, bias=bias, softmax_scale=softmax_scale, **mask_kw)
     if backend == "blockwise":
         return blockwise_attention(q, k, v, bias=bias, softmax_scale=softmax_scale, block_sizes=block_sizes,
