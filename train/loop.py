@@ -231,7 +231,8 @@ def _train(run_cfg: RunConfig, out: _RunDir, init_from, log, main_process: bool)
         else:
             start, meta = 0, None
             init = base
-            if init_from is None and t.init_from:  # every checkpoint of this run was damaged and set aside
+            if init_from is None and t.init_from and base is None:  # every checkpoint was damaged and set aside
+                # (a LoRA run has its base already: an HF folder has no checkpoints for _init_from to find)
                 init_from = _init_from(t.init_from)
             if init_from is not None and base is None:
                 init = rd.restore_params(*init_from, abstract["params"], f"train.init_from={t.init_from}")

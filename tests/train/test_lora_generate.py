@@ -175,3 +175,25 @@ def test_fingerprint_sees_any_change(version):
     assert f == rd.base_fingerprint(jax.tree.map(jnp.copy, x), version)
     assert f != rd.base_fingerprint({**x, "a": x["a"].at[2, 1].add(1e-3)}, version)
     assert f != rd.base_fingerprint({**x, "a": x["a"].T.reshape(3, 4)}, version)  # same values, other places
+
+
+@pytest.mark.slow  # a third LoRA training run (~70 s on a loaded 2-core machine)
+def test_hf_folder_base(tmp_path, capsys):
+    """train.init_from an HF folder: lora_base.json records it, generate loads it again (tokens = the HF base with
+    the adapter merged), and a changed safetensors file is refused."""
+    import jaxtx.hf as hf
+    cfg, base = _base(tmp_path / "jaxtx_base")
+    src = tmp_path / "hf_base"
+    hf.save(cfg, base, src)
+    run = tmp_path / "run"
+    assert main(["train", "configs/tiny.yaml", *TINY_MODEL, *ONE_DEVICE, *LORA, *TRAIN, f"train.init_from={src}",
+                 f"out_dir={run}"]) == 0
+    rec = json.loads((run / rd.LORA_BASE).read_text())
+    assert rec["kind"] == "hf" and rec["path"] == str(src.absolute())
+    capsys.readouterr()
+    rc, text = _generate(run, capsys)
+    assert rc == 0 and text == _text(run, _greedy(cfg, _adapted(cfg, base, run))), text
+    hf.save(cfg, jax.tree.map(lambda x: x * 1.01, base), tmp_path / "changed")
+    shutil.copyfile(tmp_path / "changed" / "model.safetensors", src / "model.safetensors")
+    rc, err = _generate(run, capsys)
+    assert rc == 2 and rec["fingerprint"] in err, err
