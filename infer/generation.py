@@ -28,8 +28,11 @@ import numpy as np
 from jaxtx import decode
 from jaxtx import sampling as sampling_lib
 from jaxtx import stop as stop_lib
-from jaxtx.decode import compiled  # noqa: F401  (the serving engine jits through generation.compiled)
+from jaxtx.decode import compiled  # the serving engine jits through generation.compiled
 from jaxtx.infer import prompts as prompt_lib
+
+__all__ = ["Generation", "Prepared", "checked_rows", "compiled", "finish", "for_decoding", "generate", "prepare",
+           "stop_arg", "stream"]
 
 
 @dataclasses.dataclass
