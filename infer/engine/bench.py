@@ -11,6 +11,8 @@ max_new_tokens (the model is random, so no request stops early).
             batch, max_new_tokens = the batch's longest output; each request keeps its own length): static batching
   prefix    --prefix-requests requests sharing a --shared-prefix token system prompt, sent one at a time: time to
             first token with and without prefix caching
+  lora      --lora N: the offline workload with N random LoRA adapters (rank --lora-rank, every linear layer)
+            served together, request i on adapter i % N, against the base-only engine of the same run
 Throughput counts output tokens / wall time. TTFT: arrival -> first token (static batching returns a whole batch at
 once, so its first token arrives when the batch ends). TPOT: (finish - first token) / (tokens - 1) per request.
 Every system runs once untimed first (compilation excluded).
@@ -45,6 +47,9 @@ def register(bench_subparsers) -> None:
     p.add_argument("--http", action="store_true", help="also the offline workload through `jaxtx serve` by "
                                                       "--concurrency streaming openai clients (HTTP overhead)")
     p.add_argument("--concurrency", type=int, default=64, help="--http: concurrent streams")
+    p.add_argument("--lora", type=integer(0), default=0, metavar="N",
+                   help="also serve the offline workload over N LoRA adapters in the same batches (0: skip)")
+    p.add_argument("--lora-rank", type=integer(1), default=16)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 
@@ -62,8 +67,9 @@ def pct(xs, q):
     return float(np.percentile(np.asarray(xs), q)) if len(xs) else float("nan")
 
 
-def run_engine(engine, reqs, arrivals):
-    """Serve reqs (prompt, max_new) arriving at `arrivals` seconds -> dict of per-request timings and wall time."""
+def run_engine(engine, reqs, arrivals, adapters=None):
+    """Serve reqs (prompt, max_new) arriving at `arrivals` seconds -> dict of per-request timings and wall time.
+    adapters: each request's LoRA adapter name (None: the base for all)."""
     t0 = time.perf_counter()
     first, last, count, ids, nxt = {}, {}, {}, {}, 0
     peak_pages = 0
@@ -71,7 +77,8 @@ def run_engine(engine, reqs, arrivals):
         now = time.perf_counter() - t0
         while nxt < len(reqs) and arrivals[nxt] <= now:
             prompt, n = reqs[nxt]
-            ids[engine.add_request(prompt, max_new_tokens=n, seed=nxt)] = nxt
+            kw = {} if adapters is None else {"adapter": adapters[nxt]}
+            ids[engine.add_request(prompt, max_new_tokens=n, seed=nxt, **kw)] = nxt
             nxt += 1
         if not engine.has_work():
             time.sleep(max(0.0, arrivals[nxt] - (time.perf_counter() - t0)))
@@ -143,12 +150,12 @@ def run(args) -> int:
           f"({sum(o for _, o in reqs)} output tokens), greedy, max_seqs {args.max_seqs}, page {ps}, "
           f"{num_pages} pages, budget {args.max_tokens_per_step} tokens/step; backend {jax.default_backend()}")
 
-    def make(decode_steps, prefix_caching=True):
+    def make(decode_steps, prefix_caching=True, adapters=None):
         ecfg = EngineConfig(max_seqs=args.max_seqs, page_size=ps, num_pages=num_pages,
                             max_tokens_per_step=args.max_tokens_per_step, max_model_len=max_len,
                             decode_steps=decode_steps, prefix_caching=prefix_caching, max_logprobs=0)
         t = time.perf_counter()
-        eng = Engine(model, params, ecfg)
+        eng = Engine(model, params, ecfg, adapters=adapters)
         return eng, time.perf_counter() - t
 
     head = f"{'system':<22}{'tok/s':>9}{'wall s':>9}{'TTFT p50':>10}{'TTFT p99':>10}{'TPOT p50':>10}{'TPOT p99':>10}" \
@@ -176,6 +183,23 @@ def run(args) -> int:
         page_bytes = eng.kv_bytes / num_pages
         row(f"engine offline k={k}", r, r["peak_pages"] * page_bytes)
     eng = engines[args.decode_steps[0]]
+    if args.lora:
+        from jaxtx import lora
+        lcfg = lora.LoraConfig(r=args.lora_rank, alpha=2.0 * args.lora_rank, target_modules="all-linear")
+        names = [f"adapter{i}" for i in range(args.lora)]
+        adapters = {}
+        for i, n in enumerate(names):  # random b: a real adapter's cost (a zero b would cost the same, but say so)
+            p = lora.add_lora(model, params, lcfg, jax.random.key(100 + i))
+            adapters[n] = jax.tree_util.tree_map_with_path(
+                lambda path, x: x + 0.01 if getattr(path[-1], "key", None) == "lora_b" else x, p)
+        e, _ = make(args.decode_steps[0], adapters=adapters)
+        per = [names[i % len(names)] for i in range(len(reqs))]
+        run_engine(e, reqs, zero, per)
+        r = run_engine(e, reqs, zero, per)
+        tps = row(f"lora x{args.lora} r={args.lora_rank} k={args.decode_steps[0]}", r, r["peak_pages"] * e.kv_bytes
+                  / num_pages)
+        print(f"{args.lora} LoRA adapters (rank {args.lora_rank}, all-linear) mixed in every batch / base only: "
+              f"{tps / rows[0][1]:.2f}x throughput")
     if args.http:
         from jaxtx.infer.server.bench import http_bench_model
         r = http_bench_model(model, params, reqs, concurrency=args.concurrency, engine_args=dict(

@@ -54,11 +54,11 @@ def selected_delta(eq: str, n_in: int, x, a, b, scale, adapter_ids, dt):
     out columns), the rows of the other adapters are zeroed, and one contraction over (adapter, rank) with the
     stacked `b` adds the selected term. Zeroing before the second matmul makes every other adapter contribute exact
     zeros, so a token's output is its single adapter's (x a) b, times its scale afterwards as adapter_delta does.
-    Why not gather each token's a and b ([N, in, r] + [N, r, out] copies, then per-token matvecs): measured on CPU
-    (docs/benchmarks.md, multi-adapter LoRA) the one-hot form is 3-10x faster at 256 tokens for 3 to 33 slots and
-    at 16 tokens for 3 slots; gathering wins only with few tokens and many adapters (16 tokens, 33 slots: ~4x),
-    where both cost little next to the base matmul. The one-hot form is two dense matmuls (what MXUs and tensor
-    cores want); its extra work is A * r columns per token, so it suits up to a few dozen adapters."""
+    Why not gather each token's a and b ([N, in, r] + [N, r, out] copies, then per-token matvecs) or group tokens
+    with lax.ragged_dot: measured on CPU (docs/benchmarks.md, many adapters in one batch) one-hot is fastest up to
+    ~9 slots (10x over gathering at 256 tokens and 3 slots); gathering wins only with many slots (16 tokens, 33
+    slots: 5x); ragged_dot never wins on XLA:CPU. One-hot is two dense matmuls (what MXUs and tensor cores want)
+    and its extra work is A * r columns per token, so it suits up to a few dozen adapters."""
     eq_a, eq_b = stacked_equations(eq, n_in)
     A = a.shape[0]
     onehot = jax.nn.one_hot(adapter_ids, A, dtype=dt)  # [batch..., A]; an id outside [0, A) selects nothing
