@@ -28,6 +28,6 @@ def test_bench_train_lora_vs_full(capsys):
     assert 4 * n + 12 * n_lo <= lo["arg_bytes"] < 4 * n + 12 * n_lo + 2**16
     assert lo["peak_bytes"] < full["peak_bytes"]
     share = f"{100 * n_lo / n:.2f}%"
-    assert re.search(rf"full fine-tune +[\d.]+ +[\d.]+M \(100\.00%\)", out), out
+    assert re.search(r"full fine-tune +[\d.]+ +[\d.]+M \(100\.00%\)", out), out
     assert re.search(rf"LoRA r4 all-linear +[\d.]+ +[\d.]+M \({re.escape(share)}\)", out), out
     assert "LoRA / full: step time" in out
