@@ -197,3 +197,13 @@ def test_hf_folder_base(tmp_path, capsys):
     shutil.copyfile(tmp_path / "changed" / "model.safetensors", src / "model.safetensors")
     rc, err = _generate(run, capsys)
     assert rc == 2 and rec["fingerprint"] in err, err
+
+
+def test_fingerprint_does_not_depend_on_sharding():
+    """Version 2 sums bits in uint32 (exact in any order): the base sharded over every device (the tests' fake CPU
+    devices) fingerprints as the same arrays on one device."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    x = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(16, 24)), jnp.float32)}
+    mesh = Mesh(np.array(jax.devices()), ("d",))
+    sharded = jax.device_put(x, NamedSharding(mesh, P("d" if 16 % len(jax.devices()) == 0 else None)))
+    assert rd.base_fingerprint(sharded) == rd.base_fingerprint(jax.device_put(x, jax.devices()[0]))
