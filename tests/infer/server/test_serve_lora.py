@@ -25,7 +25,7 @@ FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "server" / "llama_c
 OTHER_BASE_ADAPTER = Path(__file__).resolve().parents[2] / "fixtures" / "peft" / "llama"  # a 64-wide llama
 NAME = "tiny-chat"
 EOS = [3, 1]
-ENGINE_ARGS = ["--max-seqs", "4", "--page-size", "16", "--num-pages", "32", "--max-tokens-per-step", "32",
+ENGINE_ARGS = ["--max-seqs", "4", "--page-size", "16", "--num-pages", "32", "--max-tokens-per-step", "16",
                "--decode-steps", "4", "--no-prompt-logprobs", "--max-model-len", "128"]
 STARTUP_S = 240
 CONFIGS = {"sql": lora.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
@@ -105,6 +105,9 @@ def test_adapters_served_in_one_batch_equal_single_adapter_generate(server, adap
                                                                 temperature=0), jobs))
     for name, r in zip(jobs, got):
         assert r.model == name and r.choices[0].text == want[name], name
+    c = client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                       temperature=0)
+    assert c.model == "chat" and c.usage.completion_tokens >= 1
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="nope", prompt=prompt, max_tokens=2)
     assert e.value.status_code == 404
