@@ -196,6 +196,12 @@ def run(args) -> int:
     check_flags(args)  # before loading anything: a bad combination costs nothing
     from jaxtx.infer import loading
 
+    if args.lora and args.run:
+        from jaxtx import run_dir
+        if run_dir.lora_base_record(args.run) is not None:  # its adapter is applied already; one at a time
+            raise ValueError(f"--lora {args.lora}: --run {args.run} is a LoRA run, loaded with its own adapter; to "
+                             "stack another, merge this one first (jaxtx convert --from-jaxtx RUN --to-hf --to DIR, "
+                             "then --hf DIR --lora ADAPTER)")
     loaded = loading.load_run(args.run, args.step) if args.run else loading.load_hf(args.hf)
     if args.lora:  # the adapter sits beside the base kernels; the model itself is unchanged
         import dataclasses

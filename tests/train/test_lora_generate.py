@@ -207,3 +207,13 @@ def test_fingerprint_does_not_depend_on_sharding():
     mesh = Mesh(np.array(jax.devices()), ("d",))
     sharded = jax.device_put(x, NamedSharding(mesh, P("d" if 16 % len(jax.devices()) == 0 else None)))
     assert rd.base_fingerprint(sharded) == rd.base_fingerprint(jax.device_put(x, jax.devices()[0]))
+
+
+def test_a_second_adapter_over_a_lora_run_is_refused(tmp_path, capsys):
+    """--run LORA_RUN --lora DIR: refused before loading, saying how to stack adapters (merge first)."""
+    run = tmp_path / "run"
+    rd.write_model(run, run_cfg([]).model_config(), {})  # any run dir with a lora_base.json is a LoRA run
+    (run / rd.LORA_BASE).write_text(json.dumps({"source": "x", "fingerprint": "0"}))
+    assert main(["generate", "--run", str(run), "--lora", str(tmp_path), "--prompt-ids", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "is a LoRA run" in err and "merge this one first" in err and "Traceback" not in err
