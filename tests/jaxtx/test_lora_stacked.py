@@ -93,3 +93,18 @@ def test_refusals():
     with pytest.raises(ValueError, match="already hold a LoRA adapter"):
         stack_adapters(model, served, _adapted(model, base)[:1])
     assert jax.tree.structure(strip(served)) == jax.tree.structure(base)
+
+
+def test_stacked_over_a_quantized_base():
+    """QLoRA-style serving: adapters stacked over an int8 base equal each adapter alone over the same base."""
+    from jaxtx import quant
+    from jaxtx.lora import adapters, combine
+    model, base = hf.load(HF / "llama", scan_layers=False)
+    qbase = quant.quantize_params(base, "int8")
+    singles = [combine(qbase, adapters(p)) for p in _adapted(model, base)[:2]]
+    slots = jnp.asarray([1, 0, 2, 1], jnp.int32)
+    got = model.apply({"params": stack_adapters(model, qbase, singles)}, IDS, adapter_ids=slots)
+    for row, slot in enumerate(np.asarray(slots)):
+        want = model.apply({"params": qbase if slot == 0 else singles[slot - 1]}, IDS[row:row + 1])[0]
+        np.testing.assert_allclose(np.asarray(got[row]), np.asarray(want), rtol=0,
+                                   atol=2e-6 * float(jnp.abs(want).max()))
