@@ -212,7 +212,12 @@ def make_train_step(model, cfg: ModelConfig, run_cfg: RunConfig, optimizer: opta
 
         value_and_grad = jax.value_and_grad(terms, has_aux=True)
         if accum == 1:
-            (total, (n, extra)), grads = value_and_grad(state["params"], batch, rng)
+            # differentiate total / n (n counts targets: it does not depend on params), so the 1/n rides on the
+            # backward's scalar cotangent instead of a separate pass over every gradient (0.5 GB at 134M params)
+            def mean_terms(params, micro, r):
+                total, (n, extra) = terms(params, micro, r)
+                return total / jnp.maximum(n, 1.0), (total, n, extra)
+            (_, (total, n, extra)), grads = jax.value_and_grad(mean_terms, has_aux=True)(state["params"], batch, rng)
         else:  # scan over micro-batches: one micro-batch of activations alive at a time
             micro = _micro_batches(batch, accum)
 
@@ -227,7 +232,8 @@ def make_train_step(model, cfg: ModelConfig, run_cfg: RunConfig, optimizer: opta
         denom = jnp.maximum(n, 1.0)
         # in the params' dtype: an f32 denom would promote bf16 grads (model.param_dtype=bfloat16), and with them
         # Adam's moments, and the skip branch of the cond below would no longer match the update branch
-        grads = jax.tree.map(lambda g: (g / denom).astype(g.dtype), grads)
+        if accum > 1:
+            grads = jax.tree.map(lambda g: (g / denom).astype(g.dtype), grads)
         loss = (total - extra["aux_loss"]) / denom
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
