@@ -108,6 +108,8 @@ class Engine:
         self._mesh = (mesh, rules)
         if mesh is not None:
             self.state = _place(self.state, mesh, rules)
+            if self.adapter_slots:  # small: replicated beside the sharded base once, not moved to the mesh per step
+                self.params = _replicate_adapters(self.params, mesh)
         self.kv_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(cache))
         self._step, self._loop = _jitted(model)
         self._lock = threading.Lock()
@@ -491,6 +493,13 @@ def _place(state, mesh, rules):
         spec = sharding.logical_to_spec(names, rules, mesh, shape=a.shape, what=f"engine page pool {name}")
         return jax.device_put(a, NamedSharding(mesh, spec))
     return jax.tree_util.tree_map_with_path(one, state)
+
+
+def _replicate_adapters(params, mesh):
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from jaxtx import lora
+    return lora.combine(lora.strip(params), jax.device_put(lora.adapters(params), NamedSharding(mesh, PartitionSpec())))
 
 
 def _adapter_slots(adapters) -> dict:

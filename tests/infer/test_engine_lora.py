@@ -116,3 +116,25 @@ def test_bad_adapter_arguments():
     with pytest.raises(ValueError, match="adapter name ''"):
         Engine(model, base, EngineConfig(max_seqs=2, page_size=4, num_pages=8, max_tokens_per_step=16),
                warmup=False, adapters={"": singles["x"]})
+
+
+def test_adapters_over_a_tensor_sharded_base():
+    """Base split over a 2-way tensor mesh, adapters replicated on it: each request still equals its single adapter."""
+    from jaxtx import model as model_lib
+    from jaxtx import sharding
+    model, _ = small_model("llama", ("vocab_size=98",))
+    mesh = sharding.make_mesh(sharding.MeshConfig(tensor=2), devices=jax.devices()[:2])
+    rules = sharding.rules_for("tp")
+    sharded = sharding.init_sharded(model, jax.random.key(0), mesh, rules, *model_lib.dummy_inputs(model.cfg))
+    host = jax.device_get(sharded)
+    singles = {"y": _random_b(add_lora(model, host, CONFIGS["y"], jax.random.key(1)), seed=1)}  # all-linear
+    cfg = EngineConfig(max_seqs=4, page_size=4, num_pages=64, max_tokens_per_step=16, min_token_bucket=16,
+                       decode_steps=2, max_logprobs=0)
+    eng = Engine(model, sharded, cfg, mesh=mesh, rules=rules, adapters=singles)
+    q = eng.params["layers"]["attn"]["q"]
+    assert len(q["lora_a"].sharding.device_set) == 2 and len(q["kernel"].sharding.device_set) == 2
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, 97, size=int(k)).tolist() for k in rng.integers(5, 17, size=8)]
+    names = ["y", None] * 4
+    assert eng.generate(prompts, max_new_tokens=N_NEW, adapter=names).tokens == \
+        reference(model, host, singles, prompts, names)
