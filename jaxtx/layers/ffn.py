@@ -4,7 +4,7 @@ from __future__ import annotations
 import flax.linen as nn
 
 from jaxtx.config import ModelConfig
-from jaxtx.layers.common import Dense, activation, constrain
+from jaxtx.layers.common import Dense, activation, constrain, swiglu
 
 
 class Mlp(nn.Module):
@@ -20,7 +20,10 @@ class Mlp(nn.Module):
         def up(name):
             return Dense(cfg, (D, F), ("embed", "mlp"), use_bias=cfg.mlp_bias, name=name)(x_BTD, adapter_ids)
 
-        h = act(up("wi_gate")) * up("wi_up") if cfg.gated else act(up("wi"))
+        if cfg.gated:
+            h = swiglu(up("wi_gate"), up("wi_up")) if cfg.activation == "silu" else act(up("wi_gate")) * up("wi_up")
+        else:
+            h = act(up("wi"))
         h = constrain(h, ("batch", "length", "mlp"))
         return Dense(cfg, (F, D), ("mlp", "embed"), use_bias=cfg.mlp_bias, name="wo")(h, adapter_ids)
 
