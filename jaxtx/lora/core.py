@@ -381,11 +381,21 @@ def merge_report(model, params: dict) -> tuple[dict, dict]:
                 out[k] = v
         if "lora_a" in tree:
             d = delta(tree["lora_a"], tree["lora_b"], tree["lora_scale"])
+            if tuple(d.shape) != _full_shape(tree["kernel"]):  # stack_adapters' [.., A+1, ..] leaves: no one merge
+                raise ValueError(f"merge: {'/'.join(map(str, prefix))} holds several stacked adapters "
+                                 "(stack_adapters); merge the params of one adapter instead")
             out["kernel"], err = _merge_kernel(tree["kernel"], d)
             if err is not None:
                 report["/".join(map(str, prefix))] = err
         return out
     return walk(params, ()), report
+
+
+def _full_shape(kernel) -> tuple:
+    """A kernel's shape with its stack dims, float or quantized (a QTensor's shape excludes its batch dims)."""
+    if hasattr(kernel, "batch_shape"):
+        return tuple(kernel.batch_shape) + tuple(kernel.shape)
+    return tuple(kernel.shape)
 
 
 def _merge_kernel(kernel, d):
@@ -469,8 +479,7 @@ def stack_adapters(model, base_params: dict, adapter_trees) -> dict:
                              "(an adapter for another model?)")
         present = [(i, get(t, path)) for i, t in enumerate(trees) if get(t, path) is not None]
         n_stack = jnp.ndim(present[0][1]["lora_scale"])
-        kshape = tuple(kernel.shape) if not hasattr(kernel, "batch_shape") else tuple(kernel.batch_shape) + tuple(
-            kernel.shape)
+        kshape = _full_shape(kernel)
         for i, leaves in present:
             a, b = leaves["lora_a"], leaves["lora_b"]
             ok = (jnp.ndim(leaves["lora_scale"]) == n_stack and a.shape[:n_stack] == b.shape[:n_stack]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import jaxtx.hf as hf
-from jaxtx.lora import LoraConfig, add_lora, stack_adapters, strip
+from jaxtx.lora import LoraConfig, add_lora, merge, stack_adapters, strip
 from jaxtx.lora.dense import selected_delta, stacked_equations
 
 HF = Path(__file__).resolve().parent.parent / "fixtures" / "hf"
@@ -93,6 +93,8 @@ def test_refusals():
     with pytest.raises(ValueError, match="already hold a LoRA adapter"):
         stack_adapters(model, served, _adapted(model, base)[:1])
     assert jax.tree.structure(strip(served)) == jax.tree.structure(base)
+    with pytest.raises(ValueError, match="several stacked adapters"):
+        merge(model, served)
 
 
 def test_stacked_over_a_quantized_base():
