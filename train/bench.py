@@ -46,12 +46,14 @@ def bench_jax(run_cfg, steps: int) -> dict:
         state, m = step(state, batch)
         jax.block_until_ready(m)
         compile_s = time.perf_counter() - t0
+        cpu = []
         for i in range(steps + 1):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             state, m = step(state, batch)
             jax.block_until_ready(m)
             if i:  # one more warmup
                 times.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     tokens = t.batch_size * t.seq_len
     med = statistics.median(times)
@@ -63,7 +65,8 @@ def bench_jax(run_cfg, steps: int) -> dict:
     return {"system": f"jaxtx ({jax.default_backend()}, {cfg.dtype})", "step_s": med, "tokens_per_s": tokens / med,
             "mfu": tokens / med * fpt / peak, "compile_s": compile_s, "params": n_params, "peak": peak,
             "flops_per_token": fpt, "loss": float(m["loss"]), "peak_bytes": mem["total"],
-            "arg_bytes": mem["arguments"], "temp_bytes": mem["temps"], "model_params": sizing.param_counts(cfg).total}
+            "arg_bytes": mem["arguments"], "temp_bytes": mem["temps"], "model_params": sizing.param_counts(cfg).total,
+            "cpu_s": statistics.median(cpu)}
 
 
 def bench_torch(run_cfg, steps: int, peak: float, flops_per_token: float) -> dict:
@@ -87,8 +90,9 @@ def bench_torch(run_cfg, steps: int, peak: float, flops_per_token: float) -> dic
     opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay)
     ids = torch.randint(4, cfg.vocab_size, (t.batch_size, t.seq_len))
     times = []
+    cpu = []
     for i in range(steps + 2):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_norm or 1e9)
@@ -96,14 +100,35 @@ def bench_torch(run_cfg, steps: int, peak: float, flops_per_token: float) -> dic
         opt.zero_grad(set_to_none=True)
         if i >= 2:
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
     tokens = t.batch_size * t.seq_len
     med = statistics.median(times)
     return {"system": f"torch {torch.__version__} + transformers (cpu, float32)", "step_s": med,
             "tokens_per_s": tokens / med, "mfu": tokens / med * flops_per_token / peak, "compile_s": 0.0,
-            "params": sum(p.numel() for p in model.parameters()), "loss": loss.item()}
+            "params": sum(p.numel() for p in model.parameters()), "loss": loss.item(), "cpu_s": statistics.median(cpu)}
+
+
+def cpu_time_peak(n: int = 2048, reps: int = 5) -> float:
+    """f32 matmul FLOPs per process-CPU-second x the host's cores: the peak in the units of the CPU-time columns.
+    On a shared machine wall time measures the other jobs too; CPU time counts only this process's work (both
+    systems' thread pools may spin while starved, so it is an approximation, read as a second opinion)."""
+    import os
+
+    import jax
+    import jax.numpy as jnp
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        c0 = time.process_time()
+        f(a).block_until_ready()
+        best = min(best, time.process_time() - c0)
+    return 2 * n ** 3 / best * (os.cpu_count() or 1)
 
 
 def run(args) -> int:
+    import os
     import sys
 
     from jaxtx.config import ConfigError
@@ -128,12 +153,15 @@ def run(args) -> int:
           f"{t.seq_len}, "
           f"{j['flops_per_token'] / 1e6:.0f} MFLOP/token (train), peak {j['peak'] / 1e9:.0f} GFLOP/s "
           f"({'measured f32 matmul' if 'cpu' in j['system'] else 'chip table'}); median of {args.steps} steps")
-    print(f"{'system':<44} {'step ms':>9} {'tokens/s':>10} {'MFU':>6} {'compile s':>9}")
-    for r in rows:
+    cpu_peak = cpu_time_peak()
+    print(f"{'system':<44} {'step ms':>9} {'tokens/s':>10} {'MFU':>6} {'compile s':>9} {'CPU s':>7} {'MFU(CPU)':>8}")
+    for r in rows:  # MFU(CPU): the step's FLOPs per CPU-second x cores, against the matmul's (cpu_time_peak)
+        mfu_cpu = j["flops_per_token"] * t.batch_size * t.seq_len / r["cpu_s"] * (os.cpu_count() or 1) / cpu_peak
         print(f"{r['system']:<44} {r['step_s'] * 1e3:>9.1f} {r['tokens_per_s']:>10.0f} {r['mfu']:>6.1%} "
-              f"{r['compile_s']:>9.1f}")
+              f"{r['compile_s']:>9.1f} {r['cpu_s']:>7.2f} {mfu_cpu:>8.1%}")
     if len(rows) == 2:
-        print(f"jaxtx / torch tokens/s: {rows[0]['tokens_per_s'] / rows[1]['tokens_per_s']:.2f}x")
+        print(f"jaxtx / torch tokens/s: {rows[0]['tokens_per_s'] / rows[1]['tokens_per_s']:.2f}x (wall), "
+              f"{rows[1]['cpu_s'] / rows[0]['cpu_s']:.2f}x (CPU time)")
     if run_cfg.lora is not None:
         lora_vs_full(run_cfg, j, args.steps)
     return 0
