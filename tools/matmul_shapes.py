@@ -38,8 +38,8 @@ def main() -> None:
         x, w = ones(m, k), ones(k, o)
         rows.append((f"{name} [{m},{k}]x[{k},{o}]", cpu_rate(jax.jit(lambda x, w: x @ w), (x, w), 2 * m * k * o)))
         dy = ones(m, o)
-        rows.append((f"  dx = dy @ W^T", cpu_rate(jax.jit(lambda dy, w: dy @ w.T), (dy, w), 2 * m * k * o)))
-        rows.append((f"  dW = x^T @ dy", cpu_rate(jax.jit(lambda x, dy: x.T @ dy), (x, dy), 2 * m * k * o)))
+        rows.append(("  dx = dy @ W^T", cpu_rate(jax.jit(lambda dy, w: dy @ w.T), (dy, w), 2 * m * k * o)))
+        rows.append(("  dW = x^T @ dy", cpu_rate(jax.jit(lambda x, dy: x.T @ dy), (x, dy), 2 * m * k * o)))
     print("process-CPU GFLOP/s (x cores for wall-equivalent), best of 5; share of the square matmul")
     for name, r in rows:
         print(f"{name:<44} {r / 1e9:8.1f}  {r / peak:6.1%}")

@@ -14,8 +14,6 @@ import time
 
 
 def analyse(run_cfg, chunked_ce: bool = True) -> dict:
-    import jax
-
     from jaxtx import model as jmodel
     from jaxtx import sharding as shd
     from jaxtx.train.loop import make_run_mesh, resolve_model_config
