@@ -108,7 +108,7 @@ def check_flags(args) -> None:
 
 
 def _sampling(args):
-    from jaxtx.infer.sampling import Sampling
+    from jaxtx.sampling import Sampling
     return Sampling(**{n: getattr(args, n) for n in SAMPLING_FLAGS if getattr(args, n) is not None})
 
 

@@ -5,7 +5,7 @@ Every function here is pure and jit-friendly: logits in, logits / tokens out, no
 filters is baked into the compiled program, which is why greedy decoding pays nothing for the sampling machinery.
 
 Core rather than infer: the static-cache decode loop (`jaxtx.decode`) samples with it, and both infer's generation
-and train's end-of-run samples run that loop. `jaxtx.infer.sampling` re-exports it for infer's callers.
+and train's end-of-run samples run that loop.
 
 Order of operations (same as transformers' logits processors, so settings carry over):
     penalties -> temperature -> top-k -> top-p -> min-p -> sample

@@ -30,7 +30,7 @@ from jaxtx.infer.engine import step as step_lib
 from jaxtx.infer.engine.config import EngineConfig
 from jaxtx.infer.engine.scheduler import Request, ScheduleOutput, Scheduled, Scheduler
 from jaxtx.infer.generation import Generation, compiled
-from jaxtx.infer.sampling import GREEDY, Sampling
+from jaxtx.sampling import GREEDY, Sampling
 
 MAX_DEVICE_STOP_IDS = 16  # single-token stops checked inside the decode loop; longer lists are checked on the host
 

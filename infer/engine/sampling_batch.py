@@ -1,6 +1,6 @@
 """Per-request sampling in fixed [R] arrays (R = max_seqs), so one compiled step serves every mix of settings.
 
-The order of operations and every formula are those of `jaxtx.infer.sampling` (penalties -> temperature -> top-k ->
+The order of operations and every formula are those of `jaxtx.sampling` (penalties -> temperature -> top-k ->
 top-p -> min-p -> sample), written with per-row parameters; a row with the static path's settings gets bitwise the
 same processed logits, the same PRNG key (fold_in(key(seed), tokens generated so far)) and therefore the same token.
 A request's samples depend only on its prompt, its settings and its seed: the key never involves the batch row.
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtx.infer.sampling import NEG, Sampling
+from jaxtx.sampling import NEG, Sampling
 
 
 class RowParams(NamedTuple):

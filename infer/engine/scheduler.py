@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 from jaxtx.infer.engine.config import EngineConfig
 from jaxtx.infer.engine.pages import PageAllocator, page_hashes
-from jaxtx.infer.sampling import Sampling
+from jaxtx.sampling import Sampling
 
 
 @dataclasses.dataclass(eq=False)

@@ -24,7 +24,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from jaxtx.infer.sampling import Sampling
+from jaxtx.sampling import Sampling
 from jaxtx.infer.server import chat_template, schemas, structured
 from jaxtx.infer.server.metrics import Metrics
 from jaxtx.infer.server.outputs import Choice

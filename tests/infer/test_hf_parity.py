@@ -49,7 +49,7 @@ def test_t5_cached_decode_matches_hf_logits():
     import jax.numpy as jnp
 
     from jaxtx import decode
-    from jaxtx.infer.sampling import GREEDY
+    from jaxtx.sampling import GREEDY
     model, params, exp = _load("t5")
     ids, mask, dec = exp["input_ids"], exp["attention_mask"], exp["decoder_input_ids"]
     enc = model.apply({"params": params}, ids, mask, method="encode")

@@ -218,7 +218,7 @@ def test_malformed_requests_leave_server_healthy(server):
 
 def test_64_concurrent_streams_equal_offline_engine(server, ref):
     from jaxtx.infer.engine import Engine, EngineConfig
-    from jaxtx.infer.sampling import Sampling
+    from jaxtx.sampling import Sampling
     tok, model, params = ref
     base = server[1]
     reqs = []
