@@ -389,11 +389,68 @@ def restore_params(ckpt_dir, step: int, abstract_params, what: str):
                           f"{str(e)[:200]})") from None
 
 
+def _lora_run_of(ckpt_dir) -> Optional[Path]:
+    """The LoRA run whose checkpoints folder `ckpt_dir` is (its checkpoints hold only adapters), else None."""
+    run = Path(ckpt_dir).absolute().parent
+    return run if Path(ckpt_dir).name == CHECKPOINTS and (run / LORA_BASE).is_file() else None
+
+
+def check_init_fit(ckpt_dir, step: int, abstract, what: str) -> None:
+    """check_params_fit for the weights a new run starts from (train.init_from): a LoRA run's checkpoints hold only
+    adapters, so its model config (the merged weights' shapes and dtypes) is compared instead. Reads no array."""
+    import jax
+    run = _lora_run_of(ckpt_dir)
+    if run is None:
+        return check_params_fit(ckpt_dir, step, abstract, what)
+    lcfg, _ = run_config(run)
+    shapes = lambda t: {jax.tree_util.keystr(p): (tuple(a.shape), str(a.dtype))  # noqa: E731
+                        for p, a in jax.tree_util.tree_leaves_with_path(t)}
+    got, want = shapes(abstract_params(lcfg)), shapes(abstract)
+    bad = [f"{k}: LoRA run {got.get(k, 'absent')} vs config {want.get(k, 'absent')}"
+           for k in sorted(set(got) | set(want)) if got.get(k) != want.get(k)]
+    if bad:
+        raise ConfigError(f"{what}: the LoRA run's merged weights (model {lcfg.name}) do not fit the model config: "
+                          f"{bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+                          + f"; set model.* to that run's ({run / CONFIG})")
+
+
+def init_params(ckpt_dir, step: int, abstract, what: str):
+    """The params a new run starts from (train.init_from, a LoRA run's frozen base): restore_params of
+    checkpoints/<step>, or, when these are a LoRA run's checkpoints (adapters only), that run's base with the
+    adapter merged in (load_params(merge=True): the function the run trained, as plain weights; its base is checked
+    against the recorded fingerprint), placed as `abstract` declares (shardings, when given)."""
+    import jax
+    run = _lora_run_of(ckpt_dir)
+    if run is None:
+        return restore_params(ckpt_dir, step, abstract, what)
+    check_init_fit(ckpt_dir, step, abstract, what)
+    try:
+        params = load_params(run, step, merge=True)[1]
+    except ConfigError as e:
+        raise ConfigError(f"{what}: {e}") from None
+    params = jax.tree.map(lambda x, a: x.astype(a.dtype), params, abstract)
+    if all(getattr(a, "sharding", None) is not None for a in jax.tree.leaves(abstract)):
+        params = jax.device_put(params, jax.tree.map(lambda a: a.sharding, abstract))
+    return params
+
+
 def abstract_params(cfg: ModelConfig):
     import flax.linen as nn
 
     import jaxtx.model
     return nn.unbox(jaxtx.model.abstract_params(jaxtx.model.build(cfg)))
+
+
+def _step(run_dir: Path, step: Optional[int]) -> int:
+    """`step`, or the newest finished checkpoint when None; ConfigError when there is none or not that one."""
+    steps = checkpoint_steps(run_dir)
+    if not steps:
+        raise ConfigError(f"{run_dir / CHECKPOINTS}: no finished checkpoint (expected <step>/state)")
+    if step is None:
+        return steps[-1]
+    if step not in steps:
+        raise ConfigError(f"step {step}: not in {run_dir / CHECKPOINTS} (have {steps})")
+    return step
 
 
 def load_params(run_dir, step: Optional[int] = None, *, merge: bool = False) -> tuple[ModelConfig, dict, int]:
@@ -407,13 +464,7 @@ def load_params(run_dir, step: Optional[int] = None, *, merge: bool = False) -> 
     a QLoRA base is dequantized first, so the merged weights are still the function the adapters were trained with."""
     run_dir = Path(run_dir).absolute()
     cfg, resolved = run_config(run_dir)
-    steps = checkpoint_steps(run_dir)
-    if not steps:
-        raise ConfigError(f"{run_dir / CHECKPOINTS}: no finished checkpoint (expected <step>/state)")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise ConfigError(f"step {step}: not in {run_dir / CHECKPOINTS} (have {steps})")
+    step = _step(run_dir, step)
     if (run_dir / LORA_BASE).is_file():  # written by jaxtx.train's LoRA runs (train/lora_run.py)
         return cfg, _load_lora_run(run_dir, cfg, resolved, step, merge), step
     params = restore_params(run_dir / CHECKPOINTS, step, abstract_params(cfg), f"{run_dir / CONFIG}")
@@ -525,9 +576,36 @@ def _load_base(run_dir: Path, cfg: ModelConfig, resolved: dict, rec: dict) -> di
     if base_step not in steps:
         raise missing(f"has no checkpoint {base_step} (has {steps})")
     try:
-        return restore_params(ckpts, base_step, abstract_params(cfg), f"the LoRA base {path}")
+        return init_params(ckpts, base_step, abstract_params(cfg), f"the LoRA base {path}")
     except ConfigError as e:
         raise missing(f"no longer fits this run ({e})") from None
+
+
+def _adapters(run_dir: Path, cfg: ModelConfig, lcfg, step: int) -> dict:
+    """The checkpoint's lora_a/lora_b with the fixed lora_scale/lora_dropout leaves: their shapes and the fixed
+    leaves come from the run's lora section, as in training (the checkpoint holds only the trainable ones)."""
+    import jax
+
+    from jaxtx import lora
+    from jaxtx.layers.common import dtype_of
+    trainable, fixed = lora.split(lora.init_adapters(cfg, lcfg, jax.random.key(0), dtype_of(cfg.param_dtype)))
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), trainable)
+    return lora.combine(restore_params(run_dir / CHECKPOINTS, step, target, f"{run_dir / CONFIG} (LoRA adapters)"),
+                        fixed)
+
+
+def lora_run_adapters(run_dir, step: Optional[int] = None) -> tuple[ModelConfig, dict, dict]:
+    """(config, adapters, lora_base.json record) of a LoRA run, without loading its base: the adapter leaves of the
+    newest (or `step`) checkpoint in the run's layout (scanned or not) and param dtype, for a caller that puts them
+    over a base it already holds (`jaxtx serve --lora NAME=RUN_DIR`), which must check that base against
+    record["fingerprint"] (base_fingerprint with record["fingerprint_version"]). ConfigError for any other folder."""
+    run_dir = Path(run_dir).absolute()
+    cfg, resolved = run_config(run_dir)
+    rec = lora_base_record(run_dir)
+    if rec is None:
+        raise ConfigError(f"{run_dir}: not a LoRA run (no {LORA_BASE}); expected a run trained with a `lora:` section")
+    step = _step(run_dir, step)
+    return cfg, _adapters(run_dir, cfg, _lora_config(resolved, str(run_dir / CONFIG)), step), rec
 
 
 def _load_lora_run(run_dir: Path, cfg: ModelConfig, resolved: dict, step: int, merge: bool) -> dict:
@@ -544,17 +622,14 @@ def _load_lora_run(run_dir: Path, cfg: ModelConfig, resolved: dict, step: int, m
         raise ConfigError(f"{run_dir}: a LoRA run trained on the base {rec.get('source', '?')!r} with fingerprint "
                           f"{rec.get('fingerprint')}; that base now has fingerprint {now}: it changed since the run, "
                           "so the adapters would be applied to other weights (nothing was loaded)")
-    # the adapters' shapes and their fixed scale/dropout leaves come from the run's lora section, as in training
-    trainable, fixed = lora.split(lora.init_adapters(cfg, lcfg, jax.random.key(0), dtype_of(cfg.param_dtype)))
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), trainable)
-    adapters = restore_params(run_dir / CHECKPOINTS, step, target, f"{run_dir / CONFIG} (LoRA adapters)")
+    adapters = _adapters(run_dir, cfg, lcfg, step)
     if lcfg.quantize:  # QLoRA: the base as the adapters saw it
         from jaxtx.lora.qlora import quantize_base
         base = jax.jit(lambda p: quantize_base(p, lcfg.quantize))(base)
         if merge:
             base = jax.tree.map(lambda x: quant.dequantize(x, dtype_of(cfg.param_dtype)) if quant.is_quantized(x)
                                 else x, base, is_leaf=quant.is_quantized)
-    params = lora.combine(base, adapters, fixed)
+    params = lora.combine(base, adapters)
     if merge:
         import jaxtx.model
         params = lora.merge(jaxtx.model.build(cfg), params)

@@ -186,7 +186,7 @@ def train(run_cfg: RunConfig, log=print) -> dict:
     hf_base = run_cfg.lora is not None and lora_run.is_hf_folder(run_cfg.train.init_from or "")  # LoRA on an HF base
     if run_cfg.train.init_from and not rd.checkpoint_steps(out.path) and not hf_base:  # a resumed run has its params
         init = _init_from(run_cfg.train.init_from)  # a typo or another model's checkpoint: refused before any write
-        rd.check_params_fit(*init, rd.abstract_params(run_cfg.model_config()), f"train.init_from={init[0].parent}")
+        rd.check_init_fit(*init, rd.abstract_params(run_cfg.model_config()), f"train.init_from={init[0].parent}")
     try:
         return _train(run_cfg, out, init, log, main_process)
     except BaseException:
@@ -235,7 +235,8 @@ def _train(run_cfg: RunConfig, out: _RunDir, init_from, log, main_process: bool)
                 # (a LoRA run has its base already: an HF folder has no checkpoints for _init_from to find)
                 init_from = _init_from(t.init_from)
             if init_from is not None and base is None:
-                init = rd.restore_params(*init_from, abstract["params"], f"train.init_from={t.init_from}")
+                # a LoRA run's checkpoints hold only adapters: its base with the adapter merged in
+                init = rd.init_params(*init_from, abstract["params"], f"train.init_from={t.init_from}")
                 log(f"params from {init_from[0]}/{init_from[1]}")
             state = init_train_state(model, cfg, run_cfg, optimizer, mesh, rules, jax.random.key(t.seed),
                                      params=init)

@@ -50,7 +50,7 @@ def load_base(run_cfg, cfg, model, abstract: dict, init_from, mesh, rules) -> di
                               f"model.* of this run; set the model section to the HF model's config")
         return jax.device_put(params, jax.tree.map(lambda a: a.sharding, base_abs))
     if init_from is not None:
-        return rd.restore_params(*init_from, base_abs, f"train.init_from={path}")
+        return rd.init_params(*init_from, base_abs, f"train.init_from={path}")  # a LoRA run: merged
     return shd.init_sharded(model, jax.random.key(run_cfg.train.seed), mesh, rules, *args, **kw)
 
 

@@ -29,8 +29,10 @@ def register(subparsers) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None, help="the `model` name clients send (default: the dir name)")
     p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
-                   help="serve a LoRA adapter (a PEFT folder: adapter_config.json + adapter_model.safetensors) over "
-                        "the base as model NAME; repeatable: every adapter and the base share each batch")
+                   help="serve a LoRA adapter over the base as model NAME: a PEFT folder (adapter_config.json + "
+                        "adapter_model.safetensors) or a `jaxtx train` LoRA run dir (its newest checkpoint; the base "
+                        "served must be the one it trained on); repeatable: every adapter and the base share each "
+                        "batch")
     p.add_argument("--max-seqs", type=int, default=16, help="sequences decoded at once")
     p.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
     p.add_argument("--num-pages", type=int, default=None, help="KV pages in the pool (default: max-seqs full-length "
@@ -87,26 +89,75 @@ def parse_lora(values, base_name: str) -> list:
         name, sep, folder = v.partition("=")
         name, folder = name.strip(), folder.strip()
         if not sep or not name or not folder:
-            raise ValueError(f"--lora {v!r}: expected NAME=DIR (the model name clients send, a PEFT adapter folder)")
+            raise ValueError(f"--lora {v!r}: expected NAME=DIR (the model name clients send, a PEFT adapter folder "
+                             "or a jaxtx LoRA run dir)")
         if name in out or name == base_name:
             raise ValueError(f"--lora {v!r}: the name {name!r} is already taken "
                              f"({'the base model' if name == base_name else 'another --lora'}); names must differ")
         if not Path(folder).is_dir():
-            raise ValueError(f"--lora {v!r}: {folder} is not a directory (expected a PEFT adapter folder)")
+            raise ValueError(f"--lora {v!r}: {folder} is not a directory (expected a PEFT adapter folder or a "
+                             "jaxtx LoRA run dir)")
         out[name] = Path(folder)
     return list(out.items())
 
 
-def load_adapters(model, params, loras) -> dict:
-    """{name: params with that adapter} for Engine(adapters=...); an adapter for another base is refused."""
-    from jaxtx import lora
-    out = {}
+def load_adapters(model, params, loras) -> tuple[dict, dict]:
+    """({name: params with that adapter} for Engine(adapters=...), {name: what was loaded, for the startup lines}).
+    An adapter for another base is refused, naming it."""
+    out, what, fingerprints = {}, {}, {}
     for name, folder in loras:
         try:
-            out[name] = lora.load_peft(model, params, folder)[1]
-        except ValueError as e:  # PeftError is a ConfigError, a ValueError: its message names file and tensor
+            out[name], what[name] = read_adapter(model, params, folder, fingerprints)
+        except ValueError as e:  # PeftError and ConfigError are ValueErrors: their messages name file and tensor
             raise ValueError(f"--lora {name}={folder}: {e}") from None
-    return out
+    return out, what
+
+
+def _as_layout(tree: dict, scanned: bool) -> dict:
+    """A params-shaped tree in the scanned (one stacked `layers`) or unrolled (layers_0 ...) layout; a tree already
+    in it is returned as it is."""
+    from jaxtx.model import stack_layers, unstack_layers
+    return stack_layers(tree) if scanned else unstack_layers(tree)
+
+
+def read_adapter(model, params, folder, fingerprints: dict | None = None) -> tuple[dict, str]:
+    """(params with the adapter in `folder` beside the base kernels, a description): the one reader of an adapter for
+    serving. `folder` is a PEFT folder or a `jaxtx train` LoRA run dir (its newest checkpoint's adapter leaves, from
+    jaxtx.run_dir.lora_run_adapters). A run dir records its base's fingerprint, and `params` must have it (in the
+    run's layout and dtype): adapters over other weights would compute something nobody trained. `fingerprints`
+    caches the served base's fingerprints across calls (one pass over the weights per layout)."""
+    import jax
+
+    from jaxtx import lora
+    from jaxtx import run_dir as rd
+    from jaxtx.layers.common import dtype_of
+    if not rd.is_run_dir(folder):
+        return lora.load_peft(model, params, folder)[1], "PEFT"
+    rec = rd.lora_base_record(folder)
+    if rec is None:
+        raise ValueError("a jaxtx run dir without lora_base.json is a whole model, not an adapter: serve it with "
+                         "--run, or give a PEFT folder or a LoRA run dir")
+    if lora.has_lora(params):
+        raise ValueError("the served base already holds a LoRA adapter (a LoRA run given as --run?): serve the base "
+                         "that run trained on, or merge it first (jaxtx convert --from-jaxtx RUN)")
+    cfg, adapters, rec = rd.lora_run_adapters(folder)
+    version = int(rec.get("fingerprint_version", 1))
+    key = (cfg.scan_layers, cfg.param_dtype, version)
+    fingerprints = {} if fingerprints is None else fingerprints
+    if key not in fingerprints:  # the served base as the run held it: its layout and param dtype
+        dt = dtype_of(cfg.param_dtype)
+        like = jax.tree.map(lambda x: x.astype(dt) if jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x,
+                            _as_layout(params, cfg.scan_layers))
+        fingerprints[key] = rd.base_fingerprint(like, version)
+    now, want = fingerprints[key], rec.get("fingerprint")
+    if now != want:
+        raise ValueError(f"a LoRA run trained on the base {rec.get('source', '?')!r} (fingerprint {want}), but the "
+                         f"base served has fingerprint {now}: serve that base (--run or --hf), or train this adapter "
+                         "on the one served")
+    step = rd.checkpoint_steps(folder)[-1]
+    lcfg = (rd.read_config(folder) or {}).get("lora") or {}
+    note = f", trained over its {lcfg['quantize']} base, served over the float one" if lcfg.get("quantize") else ""
+    return lora.combine(params, _as_layout(adapters, model.cfg.scan_layers)), f"LoRA run, step {step}{note}"
 
 
 def _kv_page_bytes(cfg, page_size: int, int8: bool) -> int:
@@ -116,20 +167,27 @@ def _kv_page_bytes(cfg, page_size: int, int8: bool) -> int:
     return per_token * page_size
 
 
-def build(args):
-    """(app, description lines): the model, engine (warmed up) and FastAPI app for these arguments."""
+def load(args):
+    """(served name, [(adapter name, dir)], Loaded, tokenizer, model, params, {adapter name: params}, {adapter name:
+    what it is}): everything `build` serves, before the engine compiles."""
     from pathlib import Path
 
-    from jaxtx.infer.engine import Engine, EngineConfig
     from jaxtx.infer.generation import for_decoding
-    from jaxtx.infer.server.app import ServeConfig, create_app
-
-    t0 = time.perf_counter()
     name = args.served_model_name or Path(args.run or args.hf).resolve().name
     loras = parse_lora(args.lora, name)
     loaded, tok = _load(args)
     model, params = for_decoding(loaded.model, loaded.params)  # unrolled layers decode faster (see for_decoding)
-    adapters = load_adapters(model, params, loras)
+    adapters, what = load_adapters(model, params, loras)
+    return name, loras, loaded, tok, model, params, adapters, what
+
+
+def build(args):
+    """(app, description lines): the model, engine (warmed up) and FastAPI app for these arguments."""
+    from jaxtx.infer.engine import Engine, EngineConfig
+    from jaxtx.infer.server.app import ServeConfig, create_app
+
+    t0 = time.perf_counter()
+    name, loras, _, tok, model, params, adapters, what = load(args)
     cfg = model.cfg
     max_len = args.max_model_len or cfg.max_seq_len
     num_pages = args.num_pages or args.max_seqs * -(-max_len // args.page_size)
@@ -157,7 +215,7 @@ def build(args):
     ]
     if loras:  # before the chat line: tests read that one last
         lines.insert(-1, f"LoRA       {len(loras)} adapters over the base, one batch: "
-                         + ", ".join(f"{n} ({folder})" for n, folder in loras))
+                         + ", ".join(f"{n} ({folder}: {what[n]})" for n, folder in loras))
     return app, lines
 
 
