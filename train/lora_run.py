@@ -2,7 +2,8 @@
 checkpoint holds.
 
 A LoRA run's checkpoints hold only the adapters and their optimizer state (state minus "frozen"). The base comes from
-`train.init_from` (a jaxtx run dir or a Hugging Face folder) or, without it, from the run's seed; `lora_base.json` in
+`train.init_from` (a jaxtx run dir, a LoRA run dir: its merged weights, or a Hugging Face folder) or, without it,
+from the run's seed; `lora_base.json` in
 the run dir records its source and a fingerprint of its values, and a resume on any other base is refused;
 `jaxtx.run_dir.load_params` (generate, convert) loads the same base again from that record.
 """

@@ -43,7 +43,7 @@ def test_serve_a_lora_run_dir_over_its_recorded_base(lora_run, tmp_path, capsys)
                                                                             f"tuned={run}"]))
     assert loras == [("tuned", run)] and what["tuned"] == "LoRA run, step 3"
     eng = Engine(model, params, EngineConfig(max_seqs=2, page_size=8, num_pages=16, max_tokens_per_step=16,
-                                             decode_steps=2, max_logprobs=0), adapters=adapters, warmup=False)
+                                             decode_steps=1, max_logprobs=0), adapters=adapters, warmup=False)
     got = eng.generate([PROMPT, PROMPT], max_new_tokens=N_NEW, adapter=["tuned", None]).tokens
     want = generate(model_lib.build(cfg), rd.load_params(run)[1], [PROMPT], max_new_tokens=N_NEW).tokens[0]
     assert got[0] == want != got[1]  # the adapter's request (the base's: test_engine_lora)
@@ -89,3 +89,20 @@ def test_init_from_a_lora_run_starts_from_its_merged_weights(lora_run, tmp_path)
         train(run_cfg(["model.d_ff=256", f"train.init_from={run}", f"out_dir={tmp_path / 'wide'}"]),
               log=lambda *a, **k: None)
     assert not (tmp_path / "wide").exists()
+
+
+@pytest.mark.slow  # a second LoRA training run (~40 s on a loaded 2-core machine)
+def test_lora_run_on_a_lora_run(lora_run, tmp_path):
+    """train.init_from=LORA_RUN with a lora section: the new adapter trains over the first run's merged weights,
+    and load_params of the new run rebuilds exactly that base (through the first run's own base and record)."""
+    from test_lora_generate import LORA
+    cfg, _, _, run = lora_run
+    out = tmp_path / "second"
+    assert main(["train", "configs/tiny.yaml", *TINY_MODEL, *ONE_DEVICE, *LORA, *TRAIN, f"train.init_from={run}",
+                 f"out_dir={out}"]) == 0
+    rec = rd.lora_base_record(out)
+    assert rec["kind"] == "jaxtx" and rec["path"] == str(run.absolute()) and rec["step"] == 3
+    merged = rd.load_params(run, merge=True)[1]
+    assert rec["fingerprint"] == rd.base_fingerprint(merged)
+    base = lora.strip(rd.load_params(out)[1])
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, base), jax.tree.map(np.asarray, merged))
