@@ -11,6 +11,7 @@ from infer_models import small_model
 from jaxtx.infer import for_decoding, generate
 from jaxtx.infer.engine import Engine, EngineConfig
 from jaxtx.lora import LoraConfig, add_lora
+from lora_testing import random_b
 
 # different ranks, targets and scales: the stacked step pads ranks and zeroes untargeted sites
 CONFIGS = {"x": LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
@@ -18,18 +19,10 @@ CONFIGS = {"x": LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
            "z": LoraConfig(r=8, alpha=8, target_modules=["o_proj", "down_proj"], rslora=True)}
 
 
-def _random_b(params, seed):
-    def f(path, x):
-        if path[-1].key != "lora_b":
-            return x
-        return jax.random.normal(jax.random.fold_in(jax.random.key(seed), x.size), x.shape, x.dtype) * 0.5
-    return jax.tree_util.tree_map_with_path(f, params)
-
-
 @functools.lru_cache(maxsize=None)
 def setup():
     model, base = for_decoding(*small_model("llama"))
-    singles = {n: _random_b(add_lora(model, base, c, jax.random.key(i)), seed=i)
+    singles = {n: random_b(add_lora(model, base, c, jax.random.key(i)), seed=i)
                for i, (n, c) in enumerate(CONFIGS.items())}
     cfg = EngineConfig(max_seqs=4, page_size=4, num_pages=64, max_tokens_per_step=16, min_token_bucket=16,
                        decode_steps=4, max_logprobs=2)
@@ -127,7 +120,7 @@ def test_adapters_over_a_tensor_sharded_base():
     rules = sharding.rules_for("tp")
     sharded = sharding.init_sharded(model, jax.random.key(0), mesh, rules, *model_lib.dummy_inputs(model.cfg))
     host = jax.device_get(sharded)
-    singles = {"y": _random_b(add_lora(model, host, CONFIGS["y"], jax.random.key(1)), seed=1)}  # all-linear
+    singles = {"y": random_b(add_lora(model, host, CONFIGS["y"], jax.random.key(1)), seed=1)}  # all-linear
     cfg = EngineConfig(max_seqs=4, page_size=4, num_pages=64, max_tokens_per_step=16, min_token_bucket=16,
                        decode_steps=2, max_logprobs=0)
     eng = Engine(model, sharded, cfg, mesh=mesh, rules=rules, adapters=singles)

@@ -12,18 +12,10 @@ import pytest
 import jaxtx.hf as hf
 from jaxtx.lora import LoraConfig, add_lora, merge, stack_adapters, strip
 from jaxtx.lora.dense import selected_delta, stacked_equations
+from lora_testing import random_b
 
 HF = Path(__file__).resolve().parent.parent / "fixtures" / "hf"
 IDS = jnp.asarray(np.random.default_rng(0).integers(2, 128, (4, 10)), jnp.int32)
-
-
-def _random_b(params, seed):
-    def f(path, x):
-        if path[-1].key != "lora_b":
-            return x
-        k = jax.random.fold_in(jax.random.key(seed), x.size + x.ndim)
-        return jax.random.normal(k, x.shape, x.dtype) * 0.05
-    return jax.tree_util.tree_map_with_path(f, params)
 
 
 # different ranks, targets and scales: the stack pads ranks and fills untargeted sites with zeros
@@ -33,7 +25,8 @@ CONFIGS = [LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
 
 
 def _adapted(model, params):
-    return [_random_b(add_lora(model, params, c, jax.random.key(10 + i)), seed=i) for i, c in enumerate(CONFIGS)]
+    return [random_b(add_lora(model, params, c, jax.random.key(10 + i)), seed=i, std=0.05)
+            for i, c in enumerate(CONFIGS)]
 
 
 @pytest.mark.parametrize("scan", [False, True])

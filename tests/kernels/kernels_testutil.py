@@ -90,6 +90,16 @@ def check_against_reference(fn, q, k, v, kw, *, check_grads=True, key=None):
         np.testing.assert_allclose(g / scale, w / scale, err_msg=name, **tol)
 
 
+def check_mask_case(make_fn, case, shape=(2, 37, 45, 4, 2, 16)):
+    """One MASK_CASES entry: make_fn(**mask kwargs) -> fn(q, k, v) against the reference, f32, with gradients. The
+    default shape has T != S, neither a multiple of a block, and GQA 2."""
+    B, T, S, H, K, Hd = shape
+    key = fresh_key()
+    q, k, v = make_qkv(key, B, T, S, H, K, Hd)
+    kw = mask_kwargs(case, jax.random.fold_in(key, 1), B, T, S, H)
+    check_against_reference(make_fn(**kw), q, k, v, kw)
+
+
 def numpy_attention_f64(q, k, v, *, causal=False, window=None, segment_ids=None, kv_segment_ids=None,
                         alibi_slopes=None, softmax_scale=None):
     """Independent float64 numpy attention (loops over heads; no shared code with the kernels or the reference)."""

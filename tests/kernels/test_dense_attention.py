@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels_testutil import (MASK_CASES, check_against_reference, fresh_key, make_qkv, mask_kwargs,
+from kernels_testutil import (MASK_CASES, check_against_reference, check_mask_case, fresh_key, make_qkv, mask_kwargs,
                               numpy_attention_f64)
 
 from jaxtx.kernels import attention
@@ -18,11 +18,7 @@ def _dense(**kw):
 
 @pytest.mark.parametrize("case", MASK_CASES)
 def test_mask_cases_f32(case):
-    B, T, S, H, K, Hd = 2, 37, 45, 4, 2, 16
-    key = fresh_key()
-    q, k, v = make_qkv(key, B, T, S, H, K, Hd)
-    kw = mask_kwargs(case, jax.random.fold_in(key, 1), B, T, S, H)
-    check_against_reference(_dense(**kw), q, k, v, kw)
+    check_mask_case(_dense, case)
 
 
 @pytest.mark.parametrize("shape", [(1, 24, 24, 4, 1, 32), (2, 20, 12, 6, 3, 8), (2, 16, 16, 2, 2, 16)],

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels_testutil import (MASK_CASES, check_against_reference, fresh_key, make_qkv, mask_kwargs,
+from kernels_testutil import (MASK_CASES, check_against_reference, check_mask_case, fresh_key, make_qkv, mask_kwargs,
                               numpy_attention_f64)
 
 from jaxtx.kernels import BlockSizes, attention, attention_reference, blockwise_attention, select_backend
@@ -18,11 +18,7 @@ def _blockwise(**kw):
 
 @pytest.mark.parametrize("case", MASK_CASES)
 def test_mask_cases_f32(case):
-    B, T, S, H, K, Hd = 2, 37, 45, 4, 2, 16  # T != S, neither a multiple of the block, GQA 2
-    key = fresh_key()
-    q, k, v = make_qkv(key, B, T, S, H, K, Hd)
-    kw = mask_kwargs(case, jax.random.fold_in(key, 1), B, T, S, H)
-    check_against_reference(_blockwise(**kw), q, k, v, kw)
+    check_mask_case(_blockwise, case)
 
 
 @pytest.mark.parametrize("shape,case", [((1, 64, 64, 4, 1, 32), "causal"), ((1, 40, 24, 6, 3, 8), "segments_causal"),

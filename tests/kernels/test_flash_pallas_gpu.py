@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels_testutil import MASK_CASES, check_against_reference, fresh_key, make_qkv, mask_kwargs
+from kernels_testutil import (MASK_CASES, check_against_reference, check_mask_case, fresh_key, make_qkv,
+                              mask_kwargs)
 
 from jaxtx.kernels import BlockSizes, attention, attention_reference
 from jaxtx.kernels.flash_attention.gpu import flash_attention_gpu
@@ -18,11 +19,7 @@ def _gpu(**kw):
 
 @pytest.mark.parametrize("case", MASK_CASES)
 def test_mask_cases_f32(case):
-    B, T, S, H, K, Hd = 2, 37, 45, 4, 2, 16
-    key = fresh_key()
-    q, k, v = make_qkv(key, B, T, S, H, K, Hd)
-    kw = mask_kwargs(case, jax.random.fold_in(key, 1), B, T, S, H)
-    check_against_reference(_gpu(**kw), q, k, v, kw)
+    check_mask_case(_gpu, case)
 
 
 @pytest.mark.parametrize("shape", [(1, 40, 24, 6, 3, 8), (1, 32, 48, 4, 1, 40)], ids=["gqa3_hd8", "mqa_hd40"])
