@@ -108,23 +108,14 @@ def bench_torch(run_cfg, steps: int, peak: float, flops_per_token: float) -> dic
             "params": sum(p.numel() for p in model.parameters()), "loss": loss.item(), "cpu_s": statistics.median(cpu)}
 
 
-def cpu_time_peak(n: int = 2048, reps: int = 5) -> float:
+def cpu_time_peak() -> float:
     """f32 matmul FLOPs per process-CPU-second x the host's cores: the peak in the units of the CPU-time columns.
     On a shared machine wall time measures the other jobs too; CPU time counts only this process's work (both
     systems' thread pools may spin while starved, so it is an approximation, read as a second opinion)."""
     import os
 
-    import jax
-    import jax.numpy as jnp
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    best = float("inf")
-    for _ in range(reps):
-        c0 = time.process_time()
-        f(a).block_until_ready()
-        best = min(best, time.process_time() - c0)
-    return 2 * n ** 3 / best * (os.cpu_count() or 1)
+    from jaxtx.train import metrics
+    return metrics.cpu_matmul_peak(clock=time.process_time) * (os.cpu_count() or 1)
 
 
 def run(args) -> int:

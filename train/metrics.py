@@ -25,17 +25,18 @@ PEAK_FLOPS = {
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_matmul_peak(n: int = 2048, reps: int = 5) -> float:
-    """Measured f32 matmul FLOP/s of this host (best of reps): the CPU 'peak' MFU is reported against."""
+def cpu_matmul_peak(n: int = 2048, reps: int = 5, clock=time.perf_counter) -> float:
+    """Measured f32 n^3 matmul FLOPs per second of `clock` (best of reps): wall-clock FLOP/s of this host, the CPU
+    'peak' MFU is reported against; with time.process_time, FLOPs per CPU-second of this process."""
     import jax.numpy as jnp
     a = jnp.ones((n, n), jnp.float32)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
     best = float("inf")
     for _ in range(reps):
-        t = time.perf_counter()
+        t = clock()
         f(a).block_until_ready()
-        best = min(best, time.perf_counter() - t)
+        best = min(best, clock() - t)
     return 2 * n ** 3 / best
 
 
