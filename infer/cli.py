@@ -77,22 +77,24 @@ def _given(args, names) -> list[str]:
             if getattr(args, n) is not None and getattr(args, n) is not False]  # identity: 0 == False
 
 
+def _refuse_given(args, what: str, flags: list, why: str) -> None:
+    ignored = _given(args, flags)
+    if ignored:
+        raise ValueError(f"{what} cannot be combined with {', '.join(ignored)}: {why}")
+
+
 def check_flags(args) -> None:
     """Refuse flag combinations where a flag would be silently ignored (ValueError naming the flags)."""
     if args.beams > 1:
-        ignored = _given(args, list(SAMPLING_FLAGS) + ["seed", "int8_kv", "draft"])
-        if ignored:
-            raise ValueError(f"--beams {args.beams} cannot be combined with {', '.join(ignored)}: beam search is "
-                             f"deterministic (it keeps the most likely hypotheses, nothing is sampled) and uses a "
-                             f"float KV cache; drop them, or sample with --beams 1")
+        _refuse_given(args, f"--beams {args.beams}", list(SAMPLING_FLAGS) + ["seed", "int8_kv", "draft"],
+                      "beam search is deterministic (it keeps the most likely hypotheses, nothing is sampled) and "
+                      "uses a float KV cache; drop them, or sample with --beams 1")
     elif args.length_penalty is not None:
         raise ValueError(f"--length-penalty {args.length_penalty} only applies to beam search (--beams N, N > 1)")
     if args.draft:
-        ignored = _given(args, ["int8_kv", "max_len"] + list(PENALTY_FLAGS))
-        if ignored:
-            raise ValueError(f"--draft cannot be combined with {', '.join(ignored)}: speculative decoding sizes its "
-                             f"own float KV caches, and its acceptance rule needs the distributions of all k+1 "
-                             f"positions at once, which penalties make depend on the drafts")
+        _refuse_given(args, "--draft", ["int8_kv", "max_len"] + list(PENALTY_FLAGS),
+                      "speculative decoding sizes its own float KV caches, and its acceptance rule needs the "
+                      "distributions of all k+1 positions at once, which penalties make depend on the drafts")
     elif args.draft_k is not None:
         raise ValueError(f"--draft-k {args.draft_k} only applies to speculative decoding (--draft DIR)")
     if not args.temperature:  # greedy: argmax of the (penalized) logits; the truncation filters cannot change it

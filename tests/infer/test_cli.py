@@ -1,18 +1,17 @@
 """`jaxtx generate` end to end: an HF fixture reproduces transformers' greedy tokens through the CLI, a run dir in the
 `jaxtx train` layout (written here independently) loads and streams text, and bad input gives a clear error."""
-import io
 from pathlib import Path
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-import sentencepiece as spm
 import yaml
 
 from jaxtx.cli import main
 
 from infer_models import small_model
+from spm_testing import tiny_sentencepiece
 
 HF_LLAMA = Path(__file__).resolve().parents[1] / "fixtures" / "hf" / "llama"
 
@@ -50,14 +49,8 @@ def _write_run_dir(path: Path, overrides=(), vocab=128):
     """The layout `jaxtx train` writes: config.yaml (resolved, model section = every ModelConfig field + preset),
     tokenizer.model, checkpoints/<step>/state with the TrainState dict."""
     model, params = small_model("llama", tuple(overrides) + (f"vocab_size={vocab}",))
-    text = "def main():\n    return 1\n" * 200 + "hello world, the quick brown fox jumps over the lazy dog\n" * 50
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(text.splitlines(keepends=True)), model_writer=buf,
-                                   vocab_size=128, model_type="bpe", pad_id=0, unk_id=1, bos_id=2, eos_id=3,
-                                   byte_fallback=False, normalization_rule_name="identity",
-                                   remove_extra_whitespaces=False, minloglevel=2)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "tokenizer.model").write_bytes(buf.getvalue())
+    (path / "tokenizer.model").write_bytes(tiny_sentencepiece(128, code_lines=200))
     conf = {"model": {"preset": "tiny", **model.cfg.to_dict()}, "data": {"tokenizer": None}, "out_dir": str(path)}
     (path / "config.yaml").write_text(yaml.safe_dump(conf, sort_keys=False))
     state = {"step": np.int32(7), "params": params, "opt_state": {"mu": jax.tree.map(np.zeros_like, params)}}

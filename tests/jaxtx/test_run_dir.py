@@ -1,6 +1,5 @@
 """jaxtx.run_dir: the prompt layout an HF tokenizer applies, the resume allow-list, and `jaxtx convert --from-hf`
 writing a run dir that `jaxtx generate --run` (infer.loading) and load_jaxtx read."""
-import io
 import json
 import shutil
 from pathlib import Path
@@ -8,11 +7,11 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-import sentencepiece as spm
 
 import jaxtx.hf
 from jaxtx import run_dir as rd
 from jaxtx.cli import main
+from spm_testing import tiny_sentencepiece
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures" / "hf"
 
@@ -26,13 +25,7 @@ def _hf_copy(tmp_path, name, **files):
 
 
 def _sentencepiece(path: Path):
-    text = "def main():\n    return 1\n" * 100 + "hello world, the quick brown fox jumps over the lazy dog\n" * 50
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(text.splitlines(keepends=True)), model_writer=buf,
-                                   vocab_size=100, model_type="bpe", pad_id=0, unk_id=3, bos_id=1, eos_id=2,
-                                   byte_fallback=False, normalization_rule_name="identity",
-                                   remove_extra_whitespaces=False, minloglevel=2)
-    path.write_bytes(buf.getvalue())
+    path.write_bytes(tiny_sentencepiece(100, unk_id=3, bos_id=1, eos_id=2))
 
 
 def test_prompt_layout_apply():
