@@ -7,21 +7,17 @@ same request and seed; structured outputs validate with jsonschema.
 """
 import asyncio
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import httpx
-import jax
 import jsonschema
 import numpy as np
 import openai
 import pytest
+import serve_process
 
 FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "server" / "llama_chat"
 NAME = "tiny-chat"
@@ -30,46 +26,14 @@ EOS = [3, 1]
 # small enough to compile fast (token buckets 16 and 32, one decode-loop bucket), big enough to queue: 64 streams
 # share 8 rows and prompts are prefilled in chunks
 ENGINE_ARGS = dict(max_seqs=8, page_size=16, num_pages=96, max_tokens_per_step=32, decode_steps=4)
-STARTUP_S = 240
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server():
-    port = _free_port()
-    cmd = [sys.executable, "-m", "jaxtx", "serve", "--hf", str(FIXTURE), "--port", str(port), "--served-model-name",
-           NAME, "--api-key", KEY, "--grace", "5"] + \
+    args = ["--hf", str(FIXTURE), "--served-model-name", NAME, "--api-key", KEY, "--grace", "5"] + \
         [x for k, v in ENGINE_ARGS.items() for x in (f"--{k.replace('_', '-')}", str(v))]
-    # no persistent compilation cache (conftest.py); the server sees the test process's 8 CPU devices
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "",
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5", JAX_NUM_CPU_DEVICES=str(jax.device_count()))
-    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"jaxtx-serve-{port}.log", "w+")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_S
-    while True:
-        if proc.poll() is not None:
-            log.seek(0)
-            pytest.fail(f"jaxtx serve exited with {proc.returncode}:\n{log.read()[-4000:]}")
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"jaxtx serve did not answer /health within {STARTUP_S} s")
-        time.sleep(0.5)
-    yield proc, base, log
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(10)
-    log.close()
+    with serve_process.serve(args) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

@@ -3,23 +3,19 @@ driven by the official openai client. Each completion's text equals static jaxtx
 adapter applied (greedy), requests for the base and both adapters in flight at once; /v1/models lists the base and
 the adapters (parent = the base); an unknown model is a 404 naming the served ones; bad --lora values exit 2."""
 import concurrent.futures
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import jax
 import openai
 import pytest
+import serve_process
 
 from jaxtx import hf, lora
 from jaxtx.cli import main as jaxtx_main
 from jaxtx.infer import generate
 from jaxtx.infer.generation import for_decoding
 from jaxtx.infer.server.tokenizer import load_hf_tokenizer
+from lora_testing import random_b
 
 FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "server" / "llama_chat"
 OTHER_BASE_ADAPTER = Path(__file__).resolve().parents[2] / "fixtures" / "peft" / "llama"  # a 64-wide llama
@@ -27,17 +23,8 @@ NAME = "tiny-chat"
 EOS = [3, 1]
 ENGINE_ARGS = ["--max-seqs", "4", "--page-size", "16", "--num-pages", "32", "--max-tokens-per-step", "16",
                "--decode-steps", "4", "--no-prompt-logprobs", "--max-model-len", "128"]
-STARTUP_S = 240
 CONFIGS = {"sql": lora.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
            "chat": lora.LoraConfig(r=2, alpha=4, target_modules="all-linear")}
-
-
-def _random_b(params, seed):
-    def f(path, x):
-        if path[-1].key != "lora_b":
-            return x
-        return jax.random.normal(jax.random.fold_in(jax.random.key(seed), x.size), x.shape, x.dtype) * 0.5
-    return jax.tree_util.tree_map_with_path(f, params)
 
 
 @pytest.fixture(scope="module")
@@ -47,41 +34,17 @@ def adapters(tmp_path_factory):
     dirs = {}
     for i, (name, c) in enumerate(CONFIGS.items()):
         dirs[name] = tmp_path_factory.mktemp(name)
-        lora.save_peft(model, _random_b(lora.add_lora(model, params, c, jax.random.key(i)), i), dirs[name],
+        lora.save_peft(model, random_b(lora.add_lora(model, params, c, jax.random.key(i)), i), dirs[name],
                        base_model_name_or_path=str(FIXTURE))
     return dirs, model, params
 
 
 @pytest.fixture(scope="module")
 def server(adapters):
-    dirs = adapters[0]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "jaxtx", "serve", "--hf", str(FIXTURE), "--port", str(port), "--served-model-name",
-           NAME, "--grace", "5"] + ENGINE_ARGS + [x for n, d in dirs.items() for x in ("--lora", f"{n}={d}")]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(jax.device_count()))
-    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"jaxtx-serve-lora-{port}.log", "w+")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_S
-    while True:
-        if proc.poll() is not None:
-            log.seek(0)
-            pytest.fail(f"jaxtx serve exited with {proc.returncode}:\n{log.read()[-4000:]}")
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"jaxtx serve did not answer /health within {STARTUP_S} s")
-        time.sleep(0.5)
-    yield base
-    proc.kill()
-    proc.wait(10)
-    log.close()
+    args = ["--hf", str(FIXTURE), "--served-model-name", NAME, "--grace", "5"] + ENGINE_ARGS + \
+        [x for n, d in adapters[0].items() for x in ("--lora", f"{n}={d}")]
+    with serve_process.serve(args, log_name="jaxtx-serve-lora") as (_, base, _):
+        yield base
 
 
 def test_adapters_served_in_one_batch_equal_single_adapter_generate(server, adapters):
