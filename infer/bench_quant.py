@@ -56,7 +56,8 @@ def _heldout(args, model, params, tok):
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxtx.infer import generation, sampling
+    from jaxtx import sampling
+    from jaxtx.infer import generation
     B, T = args.seqs, args.seq_len
     if args.data:
         if tok is None:
@@ -113,7 +114,7 @@ def run(args) -> int:
     base_ppl = ppl(ref)
     print(f"model {model.cfg.name}: L={model.cfg.n_layers} D={model.cfg.d_model} V={model.cfg.vocab_size}; held-out: "
           f"{source}, {ids.shape[0]} x {ids.shape[1]} tokens; backend {jax.default_backend()}")
-    head = f"| scheme | weights MiB | x f32 | ppl | Δppl | top-1 agree | " + \
+    head = "| scheme | weights MiB | x f32 | ppl | Δppl | top-1 agree | " + \
            " | ".join(f"tok/s b={b} | x f32" for b in args.batch) + " |"
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
