@@ -6,7 +6,7 @@
 - No persistent compilation cache: with it, a full `-n 2` run crashed a worker inside jax's compilation_cache twice
   in a row (a segfault reading and an abort writing the executable of the BERT/T5 train step in
   test_objectives::test_loss_falls; the test passes alone; `jaxtx train` run in-process by earlier tests had
-  switched on its shared ~/.cache/jaxtx-jit). A cold run measured 17.5 min, within the CI budget.
+  switched on its shared ~/.cache/jaxtx-jit). The `-n 2` suite measured 24 min on 2 cores before the second round of SLOW entries below (~22.5 min expected).
 """
 import os
 
@@ -69,6 +69,13 @@ SLOW = {
     "tests/jaxtx/test_lora.py::test_merge_equals_unmerged[llama-True]",  # 17; [llama-False] stays
     "tests/infer/test_speculative.py::test_window_greedy_equals_target_greedy[False]",  # 20; [True] stays
     "tests/infer/test_generate_inputs.py::test_speculative_cli_clamps_to_the_position_limit",  # 12
+    "tests/infer/test_bench_quant.py::test_bench_quant_smoke",  # 36; a benchmark's printout
+    "tests/train/test_bench_lora.py::test_bench_train_lora_vs_full",  # 26; a benchmark's printout
+    "tests/train/test_chunked_ce.py::test_causal_objective_chunked_equals_logits_path[True]",  # 26; 20-loss test stays
+    "tests/jaxtx/test_paged_cache.py::test_ragged_paged_forward_equals_each_sequence_alone[llama-True]",  # 22
+    "tests/infer/test_speculative.py::test_window_greedy_equals_target_greedy[True]",  # 23; window draft test stays
+    "tests/jaxtx/test_cache.py::test_take_selects_reorders_and_repeats_rows[False-False]",  # 16; [True-*] stay
+    "tests/infer/test_speculative.py::test_caches_are_honest_after_speculative_generation[False]",  # 14; [True] stays
 }
 
 
