@@ -6,7 +6,8 @@
 - No persistent compilation cache: with it, a full `-n 2` run crashed a worker inside jax's compilation_cache twice
   in a row (a segfault reading and an abort writing the executable of the BERT/T5 train step in
   test_objectives::test_loss_falls; the test passes alone; `jaxtx train` run in-process by earlier tests had
-  switched on its shared ~/.cache/jaxtx-jit). The `-n 2` suite measured 24 min on 2 cores before the second round of SLOW entries below (~22.5 min expected).
+  switched on its shared ~/.cache/jaxtx-jit). The `-n 2` suite measured 24 min on 2 cores before the second
+  round of SLOW entries below (~22.5 min expected).
 """
 import os
 
