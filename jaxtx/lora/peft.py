@@ -175,10 +175,23 @@ def _per_module(cfg, params: dict) -> dict[tuple, tuple]:
 
 
 def save_peft(model, params: dict, path, *, base_model_name_or_path: str | None = None,
-              task_type: str = "CAUSAL_LM") -> None:
+              task_type: str = "CAUSAL_LM", overwrite: bool = False) -> None:
     """Write the adapter in `params` as a PEFT LoRA folder that `PeftModel.from_pretrained(base, path)` loads and
-    computes identically. The base kernels are not written."""
+    computes identically. The base kernels are not written. A non-empty `path` is refused unless overwrite=True, and
+    even then only an adapter folder (adapter_config.json) is replaced, never a model, a run or other files; the
+    folder is written whole into a hidden sibling and swapped in (jaxtx.hf.convert.write_folder)."""
+    from jaxtx.hf.convert import write_folder
     from jaxtx.hf.safetensors_io import write
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"save_peft: path {path} is a file, expected a folder (or a path that does not exist yet)")
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise ValueError(f"save_peft: path {path} is not empty; pass overwrite=True to replace an adapter "
+                             "folder, or choose a new folder")
+        if not (path / CONFIG).is_file():
+            raise ValueError(f"save_peft: path {path} holds files that are not a PEFT adapter (no {CONFIG}); "
+                             "save_peft replaces only an adapter folder, even with overwrite=True")
     cfg = model.cfg
     per = _per_module(cfg, params)
     if not per:
@@ -227,7 +240,8 @@ def save_peft(model, params: dict, path, *, base_model_name_or_path: str | None 
               "rank_pattern": {n: int(r) for n, (r, _) in ranks.items() if r != r0},
               "alpha_pattern": {n: float(a) for n, (r, a) in ranks.items() if a != alpha0},
               "inference_mode": True, "revision": None}
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    write(path / WEIGHTS, tensors, {"format": "pt"})
+
+    def write_files(d: Path) -> None:
+        (d / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        write(d / WEIGHTS, tensors, {"format": "pt"})
+    write_folder(path, write_files)

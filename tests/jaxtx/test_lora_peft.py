@@ -124,3 +124,26 @@ def test_half_an_adapter_is_refused(tmp_path):
     model, base = hf.load(FIX / "hf" / "llama")
     with pytest.raises(PeftError, match="q_proj' has only lora_A; expected lora_A and lora_B"):
         load_peft(model, base, d)
+
+
+def test_save_peft_never_overwrites_what_it_did_not_write(tmp_path):
+    """A non-empty folder is refused (bytes unchanged); overwrite=True replaces an adapter folder whole (no stale
+    files), and never a folder of other files, even with overwrite=True."""
+    model, base = hf.load(FIX / "hf" / "llama")
+    _, p1 = load_peft(model, base, FIX / "peft" / "llama")
+    out = tmp_path / "adapter"
+    save_peft(model, p1, out)
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    with pytest.raises(ValueError, match="not empty.*overwrite=True"):
+        save_peft(model, p1, out)
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    (out / "stale.txt").write_text("x")
+    save_peft(model, p1, out, overwrite=True)
+    assert sorted(f.name for f in out.iterdir()) == sorted(before)
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "todo.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not a PEFT adapter"):
+        save_peft(model, p1, mine, overwrite=True)
+    assert (mine / "todo.txt").read_text() == "keep me" and len(list(mine.iterdir())) == 1
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no hidden sibling left behind
