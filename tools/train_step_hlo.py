@@ -52,11 +52,9 @@ def _bytes(type_text: str) -> int:
     return total
 
 
-def op_counts(hlo_text: str) -> collections.Counter:
-    """What runs, from the optimized HLO: each instruction of a non-fused computation (the entry, while bodies,
-    conditional branches) classified, with its output bytes under "<kind> MiB":
-    dot (a fusion holding a dot, or a bare dot), layout (a transpose/copy fusion or a bare copy: pure data movement
-    XLA inserts), elementwise (any other fusion), and the counts of while loops and conditionals."""
+def computations(hlo_text: str) -> tuple[dict[str, list], set[str]]:
+    """The optimized HLO's computations: name -> [(is_root, op, type_text, rest of line)], and the names of the fused
+    ones (bodies of fusions)."""
     comps, cur = {}, None
     for line in hlo_text.splitlines():
         head = re.match(r"^(?:ENTRY )?%(\S+) ", line)
@@ -65,32 +63,46 @@ def op_counts(hlo_text: str) -> collections.Counter:
         elif line.startswith("}"):
             cur = None
         elif cur is not None and line.startswith("  "):
-            m = re.match(r"\s+(ROOT )?%\S+ = (.+?) ([a-z][a-z0-9-]*)\((.*)$", re.sub(r"/\*.*?\*/", "", line))
+            m = re.match(r"\s+(ROOT )?%(\S+) = (.+?) ([a-z][a-z0-9-]*)\((.*)$", re.sub(r"/\*.*?\*/", "", line))
             if m:
-                cur.append((bool(m.group(1)), m.group(3), m.group(2), m.group(4)))
-    fused = {c for ins in comps.values() for *_, rest in ins for c in re.findall(r"calls=%([\w.\-]+)", rest)}
+                cur.append((bool(m.group(1)), m.group(4), m.group(3), m.group(5), m.group(2)))
+    fused = {c for ins in comps.values() for *_, rest, _ in ins for c in re.findall(r"calls=%([\w.\-]+)", rest)}
+    return comps, fused
+
+
+def kind_of(comps: dict, op: str, rest: str) -> str | None:
+    """dot | layout | elementwise | None (control flow, parameters, tuples) for one non-fused instruction."""
+    if op == "fusion":
+        body = comps.get(re.search(r"calls=%([\w.\-]+)", rest).group(1), [])
+        body_ops = {o for _, o, *_ in body}
+        root = next((o for r, o, *_ in body if r), None)
+        if "dot" in body_ops or "convolution" in body_ops:
+            return "dot"
+        if body_ops <= _LAYOUT_OPS and root in ("transpose", "copy"):
+            return "layout"
+        return "elementwise"
+    if op in ("dot", "convolution"):
+        return "dot"
+    if op in ("copy", "transpose"):
+        return "layout"
+    return None
+
+
+def op_counts(hlo_text: str) -> collections.Counter:
+    """What runs, from the optimized HLO: each instruction of a non-fused computation (the entry, while bodies,
+    conditional branches) classified, with its output bytes under "<kind> MiB":
+    dot (a fusion holding a dot, or a bare dot), layout (a transpose/copy fusion or a bare copy: pure data movement
+    XLA inserts), elementwise (any other fusion), and the counts of while loops and conditionals."""
+    comps, fused = computations(hlo_text)
     counts = collections.Counter()
     for name, ins in comps.items():
         if name in fused:
             continue
-        for _, op, type_text, rest in ins:
-            kind = None
-            if op == "fusion":
-                body = comps.get(re.search(r"calls=%([\w.\-]+)", rest).group(1), [])
-                body_ops = {o for _, o, _, _ in body}
-                root = next((o for r, o, _, _ in body if r), None)
-                if "dot" in body_ops or "convolution" in body_ops:
-                    kind = "dot"
-                elif body_ops <= _LAYOUT_OPS and root in ("transpose", "copy"):
-                    kind = "layout"
-                    counts["layout transposes" if "transpose" in body_ops else "layout copies"] += 1
-                else:
-                    kind = "elementwise"
-            elif op in ("dot", "convolution"):
-                kind = "dot"
-            elif op in ("copy", "transpose"):
-                kind = "layout"
-                counts["layout copies" if op == "copy" else "layout transposes"] += 1
+        for _, op, type_text, rest, _ in ins:
+            kind = kind_of(comps, op, rest)
+            if kind == "layout":
+                body_ops = {o for _, o, *_ in comps.get((re.findall(r"calls=%([\w.\-]+)", rest) or [""])[0], [])}
+                counts["layout transposes" if op == "transpose" or "transpose" in body_ops else "layout copies"] += 1
             elif op in ("while", "conditional"):
                 counts[op] += 1
             if kind:

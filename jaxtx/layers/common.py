@@ -55,13 +55,15 @@ class Dense(nn.Module):
         dt = dtype_of(self.cfg.dtype)
         w = param(self, "kernel", self.shape, self.axes, self.cfg)
         n_in = self.n_in
-        if len(self.shape) > 2 and not quant.is_quantized(w):
-            # the same contraction as one 2-D matmul, [..., in] x [in, out]: with the kernel's head axes kept apart,
-            # autodiff's kernel gradient comes out as [N, Hd, D] and XLA:CPU transposes it twice more (and copies the
-            # kernel for the forward dot): 6 transposes/copies per attention layer in bench125m's HLO
+        if not quant.is_quantized(w):
+            # one 2-D matmul, [rows, in] x [in, out], whatever the kernel's and x's dims. With x's batch dims kept
+            # apart, the kernel gradient contracts over two dims (B and T) and XLA:CPU's dot canonicalization
+            # transposes the [B, T, F] cotangent to [F, B*T] inside the elementwise fusion that produces it (a
+            # strided write: 130 ms per SwiGLU gradient in bench125m, 1.5 s per step); with the kernel's head axes
+            # apart, the gradient came out as [N, Hd, D] and was transposed twice more. Reshapes here are bitcasts.
             k_in, k_out = math.prod(self.shape[:n_in]), math.prod(self.shape[n_in:])
             lead = x.shape[:x.ndim - n_in]
-            y = jnp.einsum("...i,io->...o", x.reshape(*lead, k_in).astype(dt), w.reshape(k_in, k_out).astype(dt))
+            y = jnp.dot(x.reshape(-1, k_in).astype(dt), w.reshape(k_in, k_out).astype(dt))
             y = y.reshape(*lead, *self.shape[n_in:])
         else:
             y = quant.einsum(self.eq, x, w, dt)  # a plain einsum unless the kernel is quantized
