@@ -4,7 +4,9 @@
 
 Variants (--ab): chunked_ce (the loss through jaxtx.train.chunked_ce vs the [B, T, V] logits), or
 `module:ATTR=A,B` (a module constant patched while the step is traced, e.g.
-`jaxtx.kernels.dispatch:XLA_MAX_TS=16384,1048576`). Prints each variant's best and median step time and B/A.
+`jaxtx.kernels.dispatch:XLA_MAX_TS=16384,1048576`; a value `@FILE:NAME` is NAME from that Python file, e.g. the
+previous version of a function: `jaxtx.train.objectives:linear_ce_sum=@/tmp/old.py:linear_ce_sum,@train/chunked_ce.py:
+linear_ce_sum`). Prints each variant's best and median step time and B/A.
 """
 from __future__ import annotations
 
@@ -12,6 +14,17 @@ import argparse
 import importlib
 import statistics
 import time
+
+
+def _value(old, v: str):
+    if v.startswith("@"):
+        import importlib.util
+        path, name = v[1:].rsplit(":", 1)
+        spec = importlib.util.spec_from_file_location(f"ab_{abs(hash(path))}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return getattr(module, name)
+    return v == "True" if isinstance(old, bool) else type(old)(v)
 
 
 def build_steps(run_cfg, ab: str):
@@ -47,7 +60,7 @@ def build_steps(run_cfg, ab: str):
             def traced(step=make_train_step(model, cfg, run_cfg, opt, mesh=mesh, rules=rules), v=v):
                 # patch only while tracing/compiling: the compiled program is cached per variant below
                 old = getattr(mod, attr)
-                setattr(mod, attr, type(old)(v) if not isinstance(old, bool) else v == "True")
+                setattr(mod, attr, _value(old, v))
                 try:
                     with shd.use_mesh(mesh, rules):
                         return step.lower(state, batch).compile()

@@ -1,6 +1,8 @@
 """`jaxtx bench train CONFIG [key=value ...] [--steps N] [--baseline torch]`: step time, tokens/s and MFU of the
 jitted train step on random tokens (no data pipeline), optionally against the same Llama architecture, batch and
-optimizer in HF transformers / PyTorch, run in the same process so both see the same (noisy, shared) machine."""
+optimizer in HF transformers / PyTorch, run in the same process with the two systems' steps alternating, so both see
+the same background load (the host's speed drifts by up to 2x over minutes; one system timed after the other read that
+drift as a speed difference)."""
 from __future__ import annotations
 
 import statistics
@@ -17,7 +19,22 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def bench_jax(run_cfg, steps: int) -> dict:
+def time_alternating(steppers: list, steps: int) -> list[tuple[float, float]]:
+    """(median wall s, median process-CPU s) per stepper: one round of warmup, then `steps` rounds, each running
+    every system's step once in turn."""
+    wall, cpu = [[] for _ in steppers], [[] for _ in steppers]
+    for i in range(steps + 1):
+        for k, one_step in enumerate(steppers):
+            t0, c0 = time.perf_counter(), time.process_time()
+            one_step()
+            if i:
+                wall[k].append(time.perf_counter() - t0)
+                cpu[k].append(time.process_time() - c0)
+    return [(statistics.median(w), statistics.median(c)) for w, c in zip(wall, cpu)]
+
+
+def jax_stepper(run_cfg) -> tuple:
+    """(one_step(), info): the jitted train step compiled and run once, on random tokens."""
     import jax
     import numpy as np
 
@@ -25,13 +42,14 @@ def bench_jax(run_cfg, steps: int) -> dict:
     from jaxtx import sharding as shd
     from jaxtx import sizing
     from jaxtx.train import metrics
+    from jaxtx.train.aot import analyze
     from jaxtx.train.loop import make_run_mesh, resolve_model_config
     from jaxtx.train.optim import make_optimizer
     from jaxtx.train.step import batch_shapes, init_train_state, make_train_step
     cfg = resolve_model_config(run_cfg)
     t = run_cfg.train
     model = jmodel.build(cfg)
-    opt = make_optimizer(run_cfg.optim, max(t.steps, steps + 2))
+    opt = make_optimizer(run_cfg.optim, max(t.steps, 100))
     mesh, rules = make_run_mesh(run_cfg)
     state = init_train_state(model, cfg, run_cfg, opt, mesh, rules, jax.random.key(0))
     step = make_train_step(model, cfg, run_cfg, opt, mesh=mesh, rules=rules)
@@ -40,36 +58,26 @@ def bench_jax(run_cfg, steps: int) -> dict:
     batch = {k: jax.device_put(rng.integers(4, cfg.vocab_size, s).astype(np.int32) if "mask" not in k and
                                "segment" not in k else np.ones(s, np.int32), sh)
              for k, s in batch_shapes(cfg, run_cfg).items()}
-    times = []
-    with shd.use_mesh(mesh, rules):
-        t0 = time.perf_counter()
-        state, m = step(state, batch)
-        jax.block_until_ready(m)
-        compile_s = time.perf_counter() - t0
-        cpu = []
-        for i in range(steps + 1):
-            t0, c0 = time.perf_counter(), time.process_time()
-            state, m = step(state, batch)
-            jax.block_until_ready(m)
-            if i:  # one more warmup
-                times.append(time.perf_counter() - t0)
-                cpu.append(time.process_time() - c0)
-    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
-    tokens = t.batch_size * t.seq_len
-    med = statistics.median(times)
-    with shd.use_mesh(mesh, rules):  # XLA's buffer plan of the same step (one more compile): the peak it will hold
-        from jaxtx.train.aot import analyze
+    with shd.use_mesh(mesh, rules):  # XLA's buffer plan of the step: the peak it will hold
         mem = analyze(step.lower(state, batch).compile(), 0)
+    held = {"state": state}
+
+    def one_step():
+        with shd.use_mesh(mesh, rules):
+            held["state"], m = step(held["state"], batch)
+            held["loss"] = float(jax.block_until_ready(m)["loss"])
+
+    t0 = time.perf_counter()
+    one_step()
     peak = metrics.total_peak_flops(mesh.devices.flat)
-    fpt = metrics.train_flops_per_token(cfg, t.seq_len)
-    return {"system": f"jaxtx ({jax.default_backend()}, {cfg.dtype})", "step_s": med, "tokens_per_s": tokens / med,
-            "mfu": tokens / med * fpt / peak, "compile_s": compile_s, "params": n_params, "peak": peak,
-            "flops_per_token": fpt, "loss": float(m["loss"]), "peak_bytes": mem["total"],
-            "arg_bytes": mem["arguments"], "temp_bytes": mem["temps"], "model_params": sizing.param_counts(cfg).total,
-            "cpu_s": statistics.median(cpu)}
+    return one_step, {
+        "system": f"jaxtx ({jax.default_backend()}, {cfg.dtype})", "compile_s": time.perf_counter() - t0,
+        "params": sum(x.size for x in jax.tree.leaves(state["params"])), "peak": peak,
+        "flops_per_token": metrics.train_flops_per_token(cfg, t.seq_len), "peak_bytes": mem["total"],
+        "arg_bytes": mem["arguments"], "temp_bytes": mem["temps"], "model_params": sizing.param_counts(cfg).total}
 
 
-def bench_torch(run_cfg, steps: int, peak: float, flops_per_token: float) -> dict:
+def torch_stepper(run_cfg) -> tuple:
     """The same architecture in HF transformers (LlamaForCausalLM), AdamW and clipping, float32, all CPU threads."""
     import os
 
@@ -89,23 +97,24 @@ def bench_torch(run_cfg, steps: int, peak: float, flops_per_token: float) -> dic
     o = run_cfg.optim
     opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay)
     ids = torch.randint(4, cfg.vocab_size, (t.batch_size, t.seq_len))
-    times = []
-    cpu = []
-    for i in range(steps + 2):
-        t0, c0 = time.perf_counter(), time.process_time()
+
+    def one_step():
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_norm or 1e9)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-            cpu.append(time.process_time() - c0)
-    tokens = t.batch_size * t.seq_len
-    med = statistics.median(times)
-    return {"system": f"torch {torch.__version__} + transformers (cpu, float32)", "step_s": med,
-            "tokens_per_s": tokens / med, "mfu": tokens / med * flops_per_token / peak, "compile_s": 0.0,
-            "params": sum(p.numel() for p in model.parameters()), "loss": loss.item(), "cpu_s": statistics.median(cpu)}
+
+    one_step()  # torch's first steps allocate (the jaxtx stepper's first call compiles)
+    return one_step, {"system": f"torch {torch.__version__} + transformers (cpu, float32)", "compile_s": 0.0,
+                      "params": sum(p.numel() for p in model.parameters())}
+
+
+def _row(info: dict, timing: tuple, run_cfg, j: dict) -> dict:
+    tokens = run_cfg.train.batch_size * run_cfg.train.seq_len
+    wall, cpu = timing
+    return {**info, "step_s": wall, "cpu_s": cpu, "tokens_per_s": tokens / wall,
+            "mfu": tokens / wall * j["flops_per_token"] / j["peak"]}
 
 
 def cpu_time_peak() -> float:
@@ -132,18 +141,26 @@ def run(args) -> int:
         return 2
     setup_jax_cache()
     t = run_cfg.train
-    rows = [bench_jax(run_cfg, args.steps)]
+    systems = [jax_stepper(run_cfg)]
     if args.baseline == "torch":
         try:
-            rows.append(bench_torch(run_cfg, args.steps, rows[0]["peak"], rows[0]["flops_per_token"]))
+            systems.append(torch_stepper(run_cfg))
         except ImportError as e:
             print(f"--baseline torch needs torch and transformers ({e})", file=sys.stderr)
             return 2
+    if run_cfg.lora is not None:  # the same model fully fine-tuned, in the same rounds
+        import dataclasses
+        systems.append(jax_stepper(dataclasses.replace(run_cfg, lora=None)))
+    timings = time_alternating([one for one, _ in systems], args.steps)
+    j = systems[0][1]
+    rows = [_row(info, tm, run_cfg, j) for (_, info), tm in zip(systems, timings)]
+    full = rows.pop() if run_cfg.lora is not None else None
     j = rows[0]
     print(f"{run_cfg.model_preset} + overrides: {j['model_params'] / 1e6:.1f}M params, batch {t.batch_size} x "
           f"{t.seq_len}, "
           f"{j['flops_per_token'] / 1e6:.0f} MFLOP/token (train), peak {j['peak'] / 1e9:.0f} GFLOP/s "
-          f"({'measured f32 matmul' if 'cpu' in j['system'] else 'chip table'}); median of {args.steps} steps")
+          f"({'measured f32 matmul' if 'cpu' in j['system'] else 'chip table'}); median of {args.steps} steps, "
+          "the systems' steps alternating")
     cpu_peak = cpu_time_peak()
     print(f"{'system':<44} {'step ms':>9} {'tokens/s':>10} {'MFU':>6} {'compile s':>9} {'CPU s':>7} {'MFU(CPU)':>8}")
     for r in rows:  # MFU(CPU): the step's FLOPs per CPU-second x cores, against the matmul's (cpu_time_peak)
@@ -153,16 +170,14 @@ def run(args) -> int:
     if len(rows) == 2:
         print(f"jaxtx / torch tokens/s: {rows[0]['tokens_per_s'] / rows[1]['tokens_per_s']:.2f}x (wall), "
               f"{rows[1]['cpu_s'] / rows[0]['cpu_s']:.2f}x (CPU time)")
-    if run_cfg.lora is not None:
-        lora_vs_full(run_cfg, j, args.steps)
+    if full is not None:
+        lora_vs_full(run_cfg, j, full)
     return 0
 
 
-def lora_vs_full(run_cfg, lo: dict, steps: int) -> dict:
+def lora_vs_full(run_cfg, lo: dict, full: dict) -> None:
     """With a `lora:` section: the same model, batch and optimizer fully fine-tuned in this process, beside the LoRA
     row: step time, trainable share, and the compiled step's memory (arguments + temporaries, XLA's plan)."""
-    import dataclasses
-    full = bench_jax(dataclasses.replace(run_cfg, lora=None), steps)
     lc = run_cfg.lora
     name = f"LoRA r{lc.r} {lc.target_modules if isinstance(lc.target_modules, str) else ','.join(lc.target_modules)}"
     name += f" ({lc.quantize} base)" if lc.quantize else ""
@@ -174,4 +189,3 @@ def lora_vs_full(run_cfg, lo: dict, steps: int) -> dict:
         print(f"{label:<44} {r['step_s'] * 1e3:>9.1f} {share:>20} {mem:>26}")
     print(f"LoRA / full: step time {lo['step_s'] / full['step_s']:.2f}x, peak memory "
           f"{lo['peak_bytes'] / full['peak_bytes']:.2f}x")
-    return full

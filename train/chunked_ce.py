@@ -37,9 +37,9 @@ def _split(a, Tc: int, C: int, fill=0):
     return jnp.moveaxis(a.reshape(B, C, Tc, *a.shape[2:]), 1, 0)
 
 
-def _logits(x_BtD, w, w_vd: bool):
-    eq = "BtD,VD->BtV" if w_vd else "BtD,DV->BtV"
-    return jnp.einsum(eq, x_BtD, w, preferred_element_type=jnp.float32)
+def _logits(x_tD, w, w_vd: bool):
+    eq = "tD,VD->tV" if w_vd else "tD,DV->tV"
+    return jnp.einsum(eq, x_tD, w, preferred_element_type=jnp.float32)
 
 
 def _run(x_BTD, w, targets_BT, weights_BT, rows: int, w_vd: bool, grads: bool):
@@ -49,22 +49,24 @@ def _run(x_BTD, w, targets_BT, weights_BT, rows: int, w_vd: bool, grads: bool):
 
     def body(carry, chunk):
         loss, dw = carry
-        x_c, t_c, w_c = chunk
-        logits = _logits(x_c, w, w_vd)  # [B, Tc, V] f32
+        # chunks stay [B, Tc] (B keeps its data sharding); inside, the chunk's B * Tc token rows are one axis (t), so dW
+        # contracts over one dim and XLA:CPU does not transpose d (see jaxtx.layers.common.Dense)
+        x_c, t_c, w_c = chunk[0].reshape(-1, D), chunk[1].reshape(-1), chunk[2].reshape(-1)
+        logits = _logits(x_c, w, w_vd)  # [t, V] f32
         m = jax.lax.stop_gradient(logits.max(-1, keepdims=True))
-        lse = m[..., 0] + jnp.log(jnp.exp(logits - m).sum(-1))
-        picked = jnp.take_along_axis(logits, t_c[..., None], axis=-1)[..., 0]
+        lse = m[:, 0] + jnp.log(jnp.exp(logits - m).sum(-1))
+        picked = jnp.take_along_axis(logits, t_c[:, None], axis=-1)[:, 0]
         loss = loss + ((lse - picked) * w_c).sum()
         if not grads:
             return (loss, dw), None
         # d loss / d logits = (softmax - onehot(target)) * weight, one fused elementwise pass over the block
-        hit = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2) == t_c[..., None]
-        d = (jnp.exp(logits - lse[..., None]) - hit) * w_c[..., None]
-        dx = jnp.einsum("BtV,VD->BtD" if w_vd else "BtV,DV->BtD", d.astype(w.dtype), w,
+        hit = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == t_c[:, None]
+        d = (jnp.exp(logits - lse[:, None]) - hit) * w_c[:, None]
+        dx = jnp.einsum("tV,VD->tD" if w_vd else "tV,DV->tD", d.astype(w.dtype), w,
                         preferred_element_type=jnp.float32).astype(x_BTD.dtype)
-        dw = dw + jnp.einsum("BtD,BtV->VD" if w_vd else "BtD,BtV->DV", x_c, d.astype(x_c.dtype),
+        dw = dw + jnp.einsum("tD,tV->VD" if w_vd else "tD,tV->DV", x_c, d.astype(x_c.dtype),
                              preferred_element_type=jnp.float32)
-        return (loss, dw), dx
+        return (loss, dw), dx.reshape(B, Tc, D)
 
     init = (jnp.zeros((), jnp.float32), jnp.zeros(w.shape, jnp.float32) if grads else jnp.zeros((), jnp.float32))
     (loss, dw), dxs = jax.lax.scan(body, init, (xs, ts, ws))
@@ -92,12 +94,12 @@ def _bwd(rows, w_vd, res, g):
 _linear_ce_sum.defvjp(_fwd, _bwd)
 
 
-def linear_ce_sum(x_BTD, w, targets_BT, weights_BT, *, w_layout: str = "DV", chunk_rows: int = CHUNK_ROWS):
+def linear_ce_sum(x_BTD, w, targets_BT, weights_BT, *, w_layout: str = "DV", chunk_rows: int | None = None):
     """sum_{b,t} weights[b, t] * -log softmax(x[b, t] @ W)[targets[b, t]] as a float32 scalar.
 
     x [B, T, D] (compute dtype), w the head kernel as [D, V] (w_layout="DV", an untied LMHead) or [V, D] ("VD", a
     tied embedding table), targets [B, T] int in [0, V), weights [B, T] (0 = not counted; any float). Differentiable
-    in x and w; the logits are computed in float32 [B, Tc, V] blocks of about `chunk_rows` rows.
+    in x and w; the logits are computed in float32 [B, Tc, V] blocks of about `chunk_rows` rows (None: CHUNK_ROWS).
     """
     if w_layout not in ("DV", "VD"):
         raise ValueError(f"linear_ce_sum: w_layout={w_layout!r}; expected 'DV' or 'VD'")
@@ -108,6 +110,7 @@ def linear_ce_sum(x_BTD, w, targets_BT, weights_BT, *, w_layout: str = "DV", chu
         raise ValueError(f"linear_ce_sum: expected x [B, T, D], w [{'V, D' if w_layout == 'VD' else 'D, V'}], "
                          f"targets and weights [B, T]; got x {x_BTD.shape}, w {w.shape}, targets "
                          f"{targets_BT.shape}, weights {weights_BT.shape}")
+    chunk_rows = CHUNK_ROWS if chunk_rows is None else chunk_rows
     if chunk_rows < 1:
         raise ValueError(f"linear_ce_sum: chunk_rows={chunk_rows}; expected >= 1")
     return _linear_ce_sum(x_BTD, w, targets_BT.astype(jnp.int32), weights_BT, int(chunk_rows), w_layout == "VD")

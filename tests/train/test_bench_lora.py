@@ -1,10 +1,11 @@
 """`jaxtx bench train` with a `lora:` section: the LoRA step beside full fine-tuning of the same model in the same
 process, with the trainable share and the compiled step's memory."""
+import dataclasses
 import re
 
 from train_helpers import ONE_DEVICE, TINY_MODEL
 
-from jaxtx.train.bench import bench_jax, lora_vs_full
+from jaxtx.train.bench import _row, jax_stepper, lora_vs_full, time_alternating
 from jaxtx.train.config import load_run_config
 
 ARGS = [*TINY_MODEL, *ONE_DEVICE, "train.batch_size=4", "train.seq_len=32", "lora.r=4", "lora.alpha=8",
@@ -13,8 +14,10 @@ ARGS = [*TINY_MODEL, *ONE_DEVICE, "train.batch_size=4", "train.seq_len=32", "lor
 
 def test_bench_train_lora_vs_full(capsys):
     cfg = load_run_config("configs/tiny.yaml", ARGS)
-    lo = bench_jax(cfg, 1)
-    full = lora_vs_full(cfg, lo, 1)
+    (lo_step, lo), (full_step, full) = jax_stepper(cfg), jax_stepper(dataclasses.replace(cfg, lora=None))
+    t_lo, t_full = time_alternating([lo_step, full_step], 1)
+    lo, full = _row(lo, t_lo, cfg, lo), _row(full, t_full, cfg, lo)
+    lora_vs_full(cfg, lo, full)
     out = capsys.readouterr().out
     # trainable: r (in + out) per adapted matrix (q, k, v, o, gate, up, down), over the model's params
     m = cfg.model_config()
@@ -31,3 +34,10 @@ def test_bench_train_lora_vs_full(capsys):
     assert re.search(r"full fine-tune +[\d.]+ +[\d.]+M \(100\.00%\)", out), out
     assert re.search(rf"LoRA r4 all-linear +[\d.]+ +[\d.]+M \({re.escape(share)}\)", out), out
     assert "LoRA / full: step time" in out
+
+
+def test_time_alternating_runs_the_systems_in_turn():
+    calls = []
+    timings = time_alternating([lambda: calls.append("a"), lambda: calls.append("b")], 3)
+    assert calls == ["a", "b"] * 4  # one warmup round, then three timed ones
+    assert len(timings) == 2 and all(w >= 0 and c >= 0 for w, c in timings)
