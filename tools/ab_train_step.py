@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import statistics
+import sys
 import time
 
 
@@ -21,9 +22,12 @@ def _value(old, v: str):
         import importlib.util
         path, name = v[1:].rsplit(":", 1)
         spec = importlib.util.spec_from_file_location(f"ab_{abs(hash(path))}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return getattr(module, name)
+        obj = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = obj  # dataclasses (flax modules) look their module up there
+        spec.loader.exec_module(obj)
+        for part in name.split("."):
+            obj = getattr(obj, part)
+        return obj
     return v == "True" if isinstance(old, bool) else type(old)(v)
 
 
@@ -54,8 +58,11 @@ def build_steps(run_cfg, ab: str):
             steps[name] = make_train_step(model, cfg, run_cfg, opt, mesh=mesh, rules=rules, objective=obj)
     else:
         target, values = ab.split("=")
-        mod_name, attr = target.split(":")
+        mod_name, path = target.split(":")
         mod = importlib.import_module(mod_name)
+        *owners, attr = path.split(".")  # ATTR may be a dotted path, e.g. Dense.__call__
+        for name in owners:
+            mod = getattr(mod, name)
         for v in values.split(","):
             def traced(step=make_train_step(model, cfg, run_cfg, opt, mesh=mesh, rules=rules), v=v):
                 # patch only while tracing/compiling: the compiled program is cached per variant below
@@ -66,7 +73,7 @@ def build_steps(run_cfg, ab: str):
                         return step.lower(state, batch).compile()
                 finally:
                     setattr(mod, attr, old)
-            steps[f"{attr}={v}"] = traced()
+            steps[f"{path}={v}"] = traced()
     return steps, state, batch, mesh, rules
 
 
