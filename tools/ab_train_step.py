@@ -47,7 +47,7 @@ def build_steps(run_cfg, ab: str):
     mesh, rules = make_run_mesh(run_cfg)
     rng = np.random.default_rng(0)
     sh = shd.batch_sharding(mesh, rules)
-    batch = {k: jax.device_put(rng.integers(4, cfg.vocab_size, s).astype(np.int32) if "segment" not in k
+    batch = {k: jax.device_put(rng.integers(4, cfg.vocab_size, s).astype(np.int32) if "segment" not in k and "mask" not in k
                                else np.ones(s, np.int32), sh) for k, s in batch_shapes(cfg, run_cfg).items()}
     with shd.use_mesh(mesh, rules):
         state = init_train_state(model, cfg, run_cfg, opt, mesh, rules, jax.random.key(0))

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxtx.config import ModelConfig
-from jaxtx.train.chunked_ce import linear_ce_sum
+from jaxtx.train.chunked_ce import linear_ce_rows, linear_ce_sum
 from jaxtx.train.config import TrainConfig
 from jaxtx.train.tokenizer import MASK_ID
 
@@ -84,9 +84,9 @@ def _apply(model, params, *args, rng, train: bool, **kw):
 def make_objective(model, cfg: ModelConfig, t: TrainConfig, *, mask_id: int = MASK_ID, tok_vocab: int | None = None,
                    chunked_ce: bool = True):
     """The Objective for t.objective. mask_id / tok_vocab: the tokenizer's <mask> id and size (BERT masking); the
-    defaults match tokenizers trained by jaxtx.train.tokenizer. chunked_ce: causal / sft compute the head and the
-    cross-entropy in chunks (jaxtx.train.chunked_ce), never the [B, T, V] logits; False keeps the logits path (the
-    reference the chunked one is tested and benchmarked against)."""
+    defaults match tokenizers trained by jaxtx.train.tokenizer. chunked_ce: causal, sft and dpo (decoders) compute
+    the head and the cross-entropy in chunks (jaxtx.train.chunked_ce), never the [B, T, V] logits; False keeps the
+    logits path (the reference the chunked one is tested and benchmarked against)."""
     vocab = tok_vocab or cfg.vocab_size
 
     def causal(params, batch, rng, train, ref_params=None, mask_key=None):
@@ -107,8 +107,13 @@ def make_objective(model, cfg: ModelConfig, t: TrainConfig, *, mask_id: int = MA
         return causal(params, batch, rng, train, mask_key="loss_mask")
 
     def seq_logp(params, tokens, seg, mask, rng, train):
-        logits, aux = _apply(model, params, tokens, segment_ids=seg, rng=rng, train=train)
         w = causal_weights(seg, mask)
+        if chunked_ce and cfg.kind == "decoder":
+            (x, head_w, layout), aux = _apply(model, params, tokens, segment_ids=seg, rng=rng, train=train,
+                                              head_inputs=True)
+            if head_w is not None:  # a quantized head (QLoRA) takes the logits path below
+                return -linear_ce_rows(x, head_w, jnp.roll(tokens, -1, axis=1), w, w_layout=layout), aux
+        logits, aux = _apply(model, params, tokens, segment_ids=seg, rng=rng, train=train)
         return -(next_token_nll(logits, tokens) * w).sum(-1), aux
 
     def dpo(params, batch, rng, train, ref_params=None):

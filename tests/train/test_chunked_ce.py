@@ -1,6 +1,6 @@
-"""Chunked cross-entropy through the head (jaxtx.train.chunked_ce): the loss and both gradients against a float64
-numpy reference, the causal objective against the logits path (loss, gradients, 20 training losses), and the compiled
-step's temp memory (the [B, T, V] logits must be gone)."""
+"""Chunked cross-entropy through the head (jaxtx.train.chunked_ce): the loss, the per-row sums and both gradients
+against a float64 numpy reference, the causal and DPO objectives against the logits path (loss, gradients, 20
+training losses), and the compiled step's temp memory (the [B, T, V] logits must be gone)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,15 +8,19 @@ import pytest
 from train_helpers import run_cfg
 
 from jaxtx import model as model_lib
-from jaxtx.train.chunked_ce import linear_ce_sum
+from jaxtx.train.chunked_ce import linear_ce_rows, linear_ce_sum
 from jaxtx.train.objectives import make_objective
 from jaxtx.train.optim import make_optimizer
 from jaxtx.train.step import abstract_batch, abstract_train_state, init_params, make_train_step
 
 
-def _reference(x, w_dv, t, wt):
-    """float64 loss, d/dx, d/dW[D, V] of sum(wt * CE(x @ W, t))."""
+def _reference(x, w_dv, t, wt, g_B=None):
+    """float64 loss, d/dx, d/dW[D, V] of sum(wt * CE(x @ W, t)); with g_B, per-row sums [B] and the gradients of
+    sum_b g_B[b] * sums[b]."""
     x, w_dv, wt = (np.asarray(a, np.float64) for a in (x, w_dv, wt))
+    if g_B is not None:
+        rows = _reference(x, w_dv, t, wt * np.asarray(g_B, np.float64)[:, None])[1:]
+        return (_per_row(x, w_dv, t, wt), *rows)
     logits = x @ w_dv
     m = logits.max(-1, keepdims=True)
     p = np.exp(logits - m)
@@ -26,6 +30,34 @@ def _reference(x, w_dv, t, wt):
     np.put_along_axis(d, np.asarray(t)[..., None], np.take_along_axis(d, np.asarray(t)[..., None], -1) - 1, -1)
     d *= wt[..., None]
     return ((lse - picked) * wt).sum(), d @ w_dv.T, np.einsum("btd,btv->dv", x, d)
+
+
+def _per_row(x, w_dv, t, wt):
+    logits = x @ w_dv
+    m = logits.max(-1, keepdims=True)
+    lse = m[..., 0] + np.log(np.exp(logits - m).sum(-1))
+    return ((lse - np.take_along_axis(logits, np.asarray(t)[..., None], -1)[..., 0]) * wt).sum(-1)
+
+
+@pytest.mark.parametrize("layout", ["DV", "VD"])
+@pytest.mark.parametrize("T,chunk_rows", [(12, 8), (7, 6)])  # several chunks, padded T
+def test_linear_ce_rows_matches_float64(layout, T, chunk_rows):
+    rng = np.random.default_rng(T)
+    B, D, V = 3, 16, 50
+    x = rng.normal(size=(B, T, D)).astype(np.float32)
+    w_dv = (rng.normal(size=(D, V)) * 0.5).astype(np.float32)
+    t = rng.integers(0, V, (B, T)).astype(np.int32)
+    wt = (rng.random((B, T)) > 0.3).astype(np.float32)
+    g = np.array([0.7, -1.3, 2.0], np.float32)  # a cotangent per row, as DPO's sigmoid gives
+    w = w_dv if layout == "DV" else w_dv.T
+    sums, vjp = jax.vjp(lambda x, w: linear_ce_rows(x, w, t, wt, w_layout=layout, chunk_rows=chunk_rows),
+                        jnp.asarray(x), jnp.asarray(w))
+    dx, dw = vjp(jnp.asarray(g))
+    ref_rows, ref_dx, ref_dw = _reference(x, w_dv, t, wt, g_B=g)
+    assert sums.shape == (B,)
+    np.testing.assert_allclose(np.asarray(sums), ref_rows, rtol=2e-6)
+    np.testing.assert_allclose(np.asarray(dx), ref_dx, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(dw), ref_dw if layout == "DV" else ref_dw.T, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("layout", ["DV", "VD"])
@@ -86,6 +118,39 @@ def test_causal_objective_chunked_equals_logits_path(tied):
         out[chunked] = jax.value_and_grad(loss)(params)
     np.testing.assert_allclose(float(out[True][0]), float(out[False][0]), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(out[True][1]), jax.tree.leaves(out[False][1])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-6)
+
+
+def test_dpo_objective_chunked_equals_logits_path():
+    rcfg = run_cfg(["train.objective=dpo", "data.source=synthetic", "train.batch_size=2", "train.seq_len=16"])
+    cfg = rcfg.model_config()
+    model = model_lib.build(cfg)
+    params = init_params(model, cfg, jax.random.key(1))
+    ref = jax.tree.map(lambda a: a * 1.01, init_params(model, cfg, jax.random.key(1)))
+    rng = np.random.default_rng(0)
+    batch = {}
+    for prefix in ("", "rejected_"):
+        mask = np.zeros((2, 16), np.int32)
+        mask[:, 6:14] = 1  # the response
+        seg = np.ones((2, 16), np.int32)
+        seg[:, 14:] = 0  # padding
+        batch.update({prefix + "tokens": jnp.asarray(rng.integers(4, cfg.vocab_size, (2, 16)).astype(np.int32)),
+                      prefix + "segment_ids": jnp.asarray(seg), prefix + "loss_mask": jnp.asarray(mask)})
+    out = {}
+    for chunked in (True, False):
+        obj = make_objective(model, cfg, rcfg.train, chunked_ce=chunked)
+
+        def loss(p):
+            total, n, extra = obj.loss_terms(p, batch, jax.random.key(0), True, ref)
+            return total / n, extra["reward_margin"]
+        out[chunked] = jax.value_and_grad(loss, has_aux=True)(params)
+    (l1, m1), g1 = out[True]
+    (l0, m0), g0 = out[False]
+    assert abs(float(m0)) > 1e-3  # the policy and the reference differ: the margin is not trivially 0
+    np.testing.assert_allclose(float(l1), float(l0), rtol=1e-5)
+    # the margin is a difference of sequence log-probs of ~40 nats each: f32 rounding of those, not of the margin
+    np.testing.assert_allclose(float(m1), float(m0), atol=2e-5)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-6)
 
 
