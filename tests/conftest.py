@@ -7,7 +7,7 @@
   in a row (a segfault reading and an abort writing the executable of the BERT/T5 train step in
   test_objectives::test_loss_falls; the test passes alone; `jaxtx train` run in-process by earlier tests had
   switched on its shared ~/.cache/jaxtx-jit). The `-n 2` suite measured 22:28 on 2 cores (948 tests) before the
-  third round of SLOW entries below.
+  third round of SLOW entries below, 23:00 after it with five new tests (this host's speed drifts by up to 2x).
 """
 import os
 
@@ -80,7 +80,9 @@ SLOW = {
     "tests/jaxtx/test_paged_cache.py::test_ragged_paged_forward_equals_each_sequence_alone[llama-False]",  # 24
     "tests/jaxtx/test_cache.py::test_take_selects_reorders_and_repeats_rows[True-True]",  # 15; [True-False] stays
     "tests/infer/test_engine_toy.py::"
-    "test_greedy_matches_full_forward_under_random_arrivals_budgets_and_preemption[None-cfg0-None]",  # 17; 4 stay
+    "test_greedy_matches_full_forward_under_random_arrivals_budgets_and_preemption[None-cfg0-None]",  # 17; 3 stay
+    "tests/infer/test_engine_toy.py::"
+    "test_greedy_matches_full_forward_under_random_arrivals_budgets_and_preemption[None-cfg1-12]",  # 19
 }
 
 
